@@ -1,0 +1,126 @@
+"""Settings, read once from the environment (and an optional `.env` file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ProviderKind = Literal["procedural", "openai", "automatic1111"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the API and the workers; names match the environment variables."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    # Redis
+    redis_url: str | None = None
+    redis_host: str = "localhost"
+    redis_port: int = 6379
+    redis_db: int = 0
+    redis_socket_timeout: float = 3.0
+    redis_connect_timeout: float = 2.0
+    redis_max_connections: int = Field(default=512, ge=8)
+
+    # Auth
+    jwt_secret: str | None = None
+    jwt_algorithms: str = "HS256"
+    jwt_public_key: str | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    url_signing_secret: str | None = None
+    image_url_ttl_seconds: int = Field(default=3600, ge=60)
+    dev_mode: bool = False
+
+    # Queue lifetime
+    queue_ttl_seconds: int = Field(default=86_400, ge=60)
+    queue_safety_ttl_seconds: int = Field(default=7 * 86_400, ge=3600)
+    idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
+
+    # Provider (the single default model when no catalogue is configured)
+    image_provider: ProviderKind = "procedural"
+    image_provider_url: str | None = None
+    image_provider_api_key: str | None = None
+    image_model: str | None = None
+    procedural_latency_ms: float = Field(default=0.0, ge=0)
+    provider_timeout_seconds: float = Field(default=120.0, gt=0)
+    provider_max_retries: int = Field(default=4, ge=0)
+    provider_backoff_base_seconds: float = Field(default=0.5, ge=0)
+    provider_backoff_max_seconds: float = Field(default=30.0, ge=0)
+    provider_max_concurrency: int = Field(default=0, ge=0)  # 0 = no global cap
+
+    # Limits
+    max_prompt_length: int = Field(default=2000, ge=1)
+    max_prompts: int = Field(default=1000, ge=1)
+    max_images_per_queue: int = Field(default=10_000, ge=1)
+    max_count: int = Field(default=1000, ge=1)
+    max_variable_combinations: int = Field(default=1000, ge=1)
+    max_variables: int = Field(default=10, ge=1)
+    max_width: int = Field(default=2048, ge=64)
+    max_height: int = Field(default=2048, ge=64)
+    max_params_bytes: int = Field(default=8192, ge=2)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    max_tags: int = Field(default=20, ge=0)
+    max_generate_wait_seconds: float = Field(default=300.0, ge=0)
+    max_pending_images_per_user: int = Field(default=0, ge=0)  # 0 = unlimited
+    max_active_queues_per_user: int = Field(default=0, ge=0)  # 0 = unlimited
+
+    # Worker
+    worker_concurrency: int = Field(default=8, ge=1)
+    worker_lease_seconds: float = Field(default=10.0, gt=0)
+    worker_heartbeat_seconds: float = Field(default=2.0, gt=0)
+    worker_grace_seconds: float = Field(default=20.0, ge=0)
+    worker_ticket_seconds: float = Field(default=20.0, gt=0)
+    worker_cancel_poll_seconds: float = Field(default=0.5, gt=0)
+    max_image_attempts: int = Field(default=3, ge=1)
+
+    # Webhooks
+    webhook_secret: str | None = None
+    webhook_allow_private: bool = False
+    webhook_max_retry_seconds: float = Field(default=3600.0, ge=0)
+
+    # Ops
+    log_level: str = "INFO"
+    log_prompts: bool = False
+
+    @model_validator(mode="after")
+    def _check_auth(self) -> Settings:
+        algs = self.algorithms
+        if any(a.startswith("HS") for a in algs) and not self.jwt_secret:
+            raise ValueError("JWT_SECRET is required for HS* algorithms (the run command generates one for local use)")
+        if any(not a.startswith("HS") for a in algs) and not self.jwt_public_key:
+            raise ValueError("JWT_PUBLIC_KEY is required for RS*/ES*/PS* algorithms")
+        if "none" in [a.lower() for a in algs]:
+            raise ValueError("JWT_ALGORITHMS may not contain 'none'")
+        if self.jwt_secret is not None and len(self.jwt_secret) < 16 and not self.dev_mode:
+            raise ValueError("JWT_SECRET must be at least 16 characters")
+        if self.url_signing_secret is None and self.jwt_secret is None:
+            raise ValueError("URL_SIGNING_SECRET is required when JWT_SECRET is not set")
+        return self
+
+    @property
+    def algorithms(self) -> list[str]:
+        return [a.strip() for a in self.jwt_algorithms.split(",") if a.strip()]
+
+    @property
+    def effective_redis_url(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    @property
+    def default_model(self) -> str:
+        return self.image_model or self.image_provider
+
+    @property
+    def signing_key(self) -> bytes:
+        secret = self.url_signing_secret or f"image-url:{self.jwt_secret}"
+        return secret.encode()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

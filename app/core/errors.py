@@ -1,0 +1,88 @@
+"""Domain errors, and the one place that turns them (and Redis failures) into HTTP answers."""
+
+from __future__ import annotations
+
+import logging
+
+import redis.exceptions
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+log = logging.getLogger("imagequeue.api")
+
+REDIS_RETRY_AFTER_SECONDS = 5
+
+
+class ImageQueueError(Exception):
+    """Base of every error a service raises on purpose."""
+
+    status_code = 400
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(ImageQueueError):
+    status_code = 404
+
+
+class Conflict(ImageQueueError):
+    status_code = 409
+
+
+class TooLarge(ImageQueueError):
+    status_code = 413
+
+
+class Unprocessable(ImageQueueError):
+    """A 422 in FastAPI's shape: `detail` is a list of {loc, msg, type}."""
+
+    status_code = 422
+
+    def __init__(self, msg: str, loc: tuple[str | int, ...] = ("body",)) -> None:
+        super().__init__(msg)
+        self.loc = loc
+
+
+class TooManyRequests(ImageQueueError):
+    status_code = 429
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class Unauthorized(ImageQueueError):
+    status_code = 401
+
+
+class ServiceUnavailable(ImageQueueError):
+    status_code = 503
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ImageQueueError)
+    async def _domain(_: Request, exc: ImageQueueError) -> JSONResponse:
+        headers: dict[str, str] = {}
+        body: dict[str, object] = {"detail": exc.detail}
+        if isinstance(exc, Unprocessable):
+            body = {"detail": [{"loc": list(exc.loc), "msg": exc.detail, "type": "value_error"}]}
+        if isinstance(exc, TooManyRequests):
+            headers["Retry-After"] = str(exc.retry_after)
+        if isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = "Bearer"
+        if isinstance(exc, ServiceUnavailable):
+            headers["Retry-After"] = str(REDIS_RETRY_AFTER_SECONDS)
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(redis.exceptions.ConnectionError)
+    @app.exception_handler(redis.exceptions.TimeoutError)
+    @app.exception_handler(redis.exceptions.BusyLoadingError)
+    async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("redis unavailable: %s", exc)
+        return JSONResponse(
+            {"detail": "The queue store (Redis) is unavailable; try again in a few seconds."},
+            status_code=503,
+            headers={"Retry-After": str(REDIS_RETRY_AFTER_SECONDS)},
+        )

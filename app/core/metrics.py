@@ -1,0 +1,128 @@
+"""Prometheus metrics: the API's own, figures read from Redis at scrape time, and the workers'."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.services.queue.store import PRIORITIES, QueueStore
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+PROVIDER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+
+
+class ApiMetrics:
+    """Per-app registry, so several apps in one process (tests) never collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_latency = Histogram(
+            "imagequeue_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queues_created = Counter(
+            "imagequeue_queues_created_total", "Queues created", ["model", "priority"], registry=r
+        )
+        self.images_created = Counter(
+            "imagequeue_images_created_total", "Images in created queues", ["model"], registry=r
+        )
+        self.images_finished = Gauge(
+            "imagequeue_images_finished_total",
+            "Images that reached a terminal status (all workers, from Redis)",
+            ["status"],
+            registry=r,
+        )
+        self.in_flight = Gauge("imagequeue_images_in_flight", "Images being generated now", ["model"], registry=r)
+        self.pending = Gauge("imagequeue_images_pending", "Images waiting to start", ["model", "priority"], registry=r)
+        self.workers = Gauge("imagequeue_workers", "Live workers", registry=r)
+        self.worker_slots = Gauge("imagequeue_worker_concurrency", "Total generation slots of live workers", registry=r)
+
+    async def refresh(self, store: QueueStore, models: list[str]) -> None:
+        for status, value in (await store.finished_totals()).items():
+            self.images_finished.labels(status).set(value)
+        inflight = await store.inflight()
+        for model in models:
+            self.in_flight.labels(model).set(max(0, inflight.get(model, 0)))
+            pending = await store.pending_by_priority(model)
+            for priority in PRIORITIES:
+                self.pending.labels(model, priority).set(pending[priority])
+        workers = await store.workers()
+        self.workers.set(len(workers))
+        self.worker_slots.set(sum(int(w.get("concurrency", 0)) for w in workers))
+
+
+class TimingMiddleware:
+    """HTTP latency by method, route template and status (pure ASGI: no per-request task)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            # The router leaves the matched route in the scope: label by its template, not the raw
+            # path, so ids do not explode the label set.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.http_latency.labels(scope["method"], route, str(status)).observe(time.perf_counter() - started)
+
+
+def install_metrics(app: FastAPI, metrics: ApiMetrics) -> None:
+    app.add_middleware(TimingMiddleware, metrics=metrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def _metrics(request: Request) -> Response:
+        service = request.app.state.queue_service
+        await metrics.refresh(service.store, list(service.catalog.models))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class WorkerMetrics:
+    """A worker's own figures, served on --metrics-port."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.provider_latency = Histogram(
+            "imagequeue_provider_request_duration_seconds",
+            "Provider request latency per attempt",
+            ["model", "outcome"],
+            buckets=PROVIDER_BUCKETS,
+            registry=r,
+        )
+        self.provider_errors = Counter(
+            "imagequeue_provider_errors_total", "Provider errors by kind", ["model", "kind"], registry=r
+        )
+        self.images = Counter(
+            "imagequeue_worker_images_total", "Images this worker finished", ["model", "status"], registry=r
+        )
+        self.in_flight = Gauge("imagequeue_worker_images_in_flight", "Images this worker is generating", registry=r)
+
+    def observer(self, model: str) -> Callable[[str, float], None]:
+        def observe(kind: str, seconds: float) -> None:
+            self.provider_latency.labels(model, kind).observe(seconds)
+            if kind != "ok":
+                self.provider_errors.labels(model, kind).inc()
+
+        return observe

@@ -1,0 +1,157 @@
+"""create_app(): the FastAPI application, its Redis connections, routers, error handlers and web client."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import redis
+import redis.asyncio
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.core.config import Settings, get_settings
+from app.core.errors import install_error_handlers
+from app.core.logging import configure_logging
+from app.core.metrics import ApiMetrics, install_metrics
+from app.core.security import TokenCache, sign_image, signature_expiry
+from app.routers import events, generate, health, images, models, queues
+from app.services.models import load_catalog
+from app.services.queue.queue_service import QueueService
+from app.services.queue.store import QueueStore
+from app.services.queue.tickets import Tickets
+
+STATIC_DIR = Path(__file__).with_name("static")
+log = logging.getLogger("imagequeue.api")
+
+
+def redis_clients(settings: Settings) -> tuple[redis.asyncio.Redis, redis.Redis]:
+    """An async client for the API's own work and a sync one for RQ; both fail fast when Redis is down."""
+    url = settings.effective_redis_url
+    # A blocking pool: past max_connections a request waits (briefly) for a free connection
+    # instead of failing at once.
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_socket_timeout,
+        socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=settings.redis_connect_timeout,
+        health_check_interval=15,
+        retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+    )
+    async_client = redis.asyncio.Redis(connection_pool=pool)
+    sync_client = redis.Redis.from_url(
+        url,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+        socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=settings.redis_connect_timeout,
+        health_check_interval=15,
+    )
+    return async_client, sync_client
+
+
+class BodySizeLimit:
+    """413 for request bodies over the configured size, whether or not Content-Length is sent."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413)
+        await response(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, "api")
+    catalog = load_catalog(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async_client, sync_client = redis_clients(settings)
+        store = QueueStore(async_client)
+
+        def image_url(queue_id: str, index: int, attempt: int) -> str:
+            exp = signature_expiry(settings)
+            return f"/images/{queue_id}/{index}?exp={exp}&sig={sign_image(settings, queue_id, index, attempt, exp)}"
+
+        job_timeout = int(settings.worker_ticket_seconds + settings.worker_grace_seconds + 60)
+        app.state.redis = async_client
+        app.state.queue_service = QueueService(store, Tickets(sync_client, job_timeout), settings, catalog, image_url)
+        log.info("api ready: models %s, redis %s", ", ".join(catalog.models), _redacted(settings.effective_redis_url))
+        try:
+            yield
+        finally:
+            await async_client.aclose()
+            sync_client.close()
+
+    app = FastAPI(
+        title="imagequeue",
+        version="1.0.0",
+        summary="A queue service for batch image generation",
+        description="Batches of image jobs on Redis + RQ, with live progress, cancel and history. "
+        "Authenticate with `Authorization: Bearer <JWT>`.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.token_cache = TokenCache()
+    app.state.catalog = catalog
+    install_error_handlers(app)
+    metrics = ApiMetrics()
+    app.state.metrics = metrics
+    install_metrics(app, metrics)
+    for module in (queues, generate, images, events, models, health):
+        app.include_router(module.router)
+
+    if (STATIC_DIR / "index.html").exists():
+        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def index() -> FileResponse:
+            return FileResponse(STATIC_DIR / "index.html")
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def _redacted(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

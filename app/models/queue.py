@@ -1,0 +1,149 @@
+"""Request and response schemas of the queue endpoints (the HTTP contract)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.services.queue.store import ImageStatus, QueueState
+
+
+class Priority(StrEnum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+
+
+MAX_SEED = 2**53
+
+_CREATE_EXAMPLE: dict[str, Any] = {
+    "prompt": "a {colour} {animal}, watercolour",
+    "variables": {"colour": ["red", "blue"], "animal": ["fox", "owl"]},
+    "count": 2,
+    "seed": 42,
+    "width": 512,
+    "height": 512,
+    "priority": "normal",
+    "name": "animals",
+    "tags": ["demo"],
+}
+
+
+class CreateQueueRequest(BaseModel):
+    """A batch: `prompts`, or a `prompt` template with `variables`, times `count`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [_CREATE_EXAMPLE, {"prompts": ["a red fox", "a blue owl"], "count": 3}]}
+    )
+
+    prompts: list[str] | None = Field(default=None, description="Prompts, one image set each")
+    prompt: str | None = Field(default=None, description="Template with {name} placeholders")
+    variables: dict[str, list[str]] | None = Field(default=None, description="Values per placeholder")
+    count: int = Field(default=1, ge=1, description="Images per prompt")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Image i gets seed + i")
+    width: int = Field(default=1024, ge=64)
+    height: int = Field(default=1024, ge=64)
+    negative_prompt: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict, description="Passed through to the provider")
+    priority: Priority = Priority.NORMAL
+    model: str | None = Field(default=None, description="One of GET /models; null means the default")
+    name: str | None = Field(default=None, max_length=200)
+    tags: list[str] = Field(default_factory=list)
+    webhook_url: str | None = Field(default=None, description="POSTed on start, per image and on completion")
+    webhook_events: list[str] | None = Field(
+        default=None, description="Subset of queue.started, image.finished, queue.finished (default: all)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CreateQueueRequest:
+        if (self.prompts is None) == (self.prompt is None):
+            raise ValueError("give either 'prompts' (a list) or 'prompt' (a template), not both or neither")
+        if self.variables is not None and self.prompt is None:
+            raise ValueError("'variables' go with a 'prompt' template")
+        return self
+
+
+class GenerateRequest(BaseModel):
+    """One image, run as a one-image high-priority queue."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"prompt": "a lighthouse at dusk", "seed": 7, "width": 512, "height": 512}]}
+    )
+
+    prompt: str
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    width: int = Field(default=1024, ge=64)
+    height: int = Field(default=1024, ge=64)
+    negative_prompt: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    model: str | None = None
+
+
+class RetryRequest(BaseModel):
+    """Which images of a finished queue to run again."""
+
+    include_cancelled: bool = False
+
+
+class ImageResult(BaseModel):
+    index: int
+    prompt: str
+    seed: int
+    status: ImageStatus
+    url: str | None = None
+    error: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    attempts: int = 0
+
+
+class QueueStatus(BaseModel):
+    queue_id: str
+    name: str | None = None
+    status: QueueState
+    priority: Priority
+    model: str
+    tags: list[str] = Field(default_factory=list)
+    total: int
+    pending: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    progress: float
+    position: int | None = None
+    eta_seconds: float | None = None
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    attempt: int = 1
+    webhook: dict[str, Any] | None = None
+    warnings: list[str] = Field(default_factory=list, description="e.g. no live worker serves the model")
+    images: list[ImageResult] | None = None
+    images_offset: int | None = None
+    images_limit: int | None = None
+
+
+class QueueList(BaseModel):
+    queues: list[QueueStatus]
+
+
+class HistoryPage(BaseModel):
+    queues: list[QueueStatus]
+    total: int
+
+
+class GenerateResult(BaseModel):
+    queue_id: str
+    image: ImageResult
+
+
+class Health(BaseModel):
+    status: str
+    redis: bool
+    workers: int
+    worker_concurrency: int = 0
+    models: dict[str, Any] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)

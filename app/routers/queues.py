@@ -1,0 +1,110 @@
+"""Queue endpoints: create, status, cancel, retry, delete, active queues and history."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response, status
+
+from app.core.errors import Unprocessable
+from app.core.security import CurrentUser
+from app.models.queue import CreateQueueRequest, HistoryPage, QueueList, QueueStatus, RetryRequest
+from app.routers.deps import Service
+from app.services.queue.store import QueueState
+
+router = APIRouter(tags=["queues"])
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown queue, or someone else's"}}
+
+
+@router.post("/create-queue", status_code=status.HTTP_201_CREATED, response_model=QueueStatus)
+async def create_queue(
+    body: CreateQueueRequest,
+    request: Request,
+    user: CurrentUser,
+    service: Service,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> QueueStatus:
+    """Create a queue of images from prompts or a template with variables."""
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
+        raise Unprocessable(
+            f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY_LENGTH} characters", ("header", "Idempotency-Key")
+        )
+    result, replayed = await service.create(user.id, body, idempotency_key)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    else:
+        metrics = request.app.state.metrics
+        metrics.queues_created.labels(result.model, result.priority.value).inc()
+        metrics.images_created.labels(result.model).inc(result.total)
+    return result
+
+
+@router.get("/queue-status/{queue_id}", response_model=QueueStatus, responses=_NOT_FOUND)
+async def queue_status(
+    queue_id: str,
+    user: CurrentUser,
+    service: Service,
+    images_offset: Annotated[int, Query(ge=0)] = 0,
+    images_limit: Annotated[int | None, Query(ge=0, description="0 = counts only; omitted = all")] = None,
+) -> QueueStatus:
+    """A queue's status, counts, position, ETA and (a page of) its images."""
+    status = await service.status(user.id, queue_id, images_offset=images_offset, images_limit=images_limit)
+    # The hot polling path: serialise once, skipping FastAPI's re-validation of the return value.
+    return Response(status.model_dump_json(), media_type="application/json")  # type: ignore[return-value]
+
+
+@router.post(
+    "/cancel-queue/{queue_id}",
+    response_model=QueueStatus,
+    responses={**_NOT_FOUND, 409: {"description": "Queue already completed or failed"}},
+)
+async def cancel_queue(queue_id: str, user: CurrentUser, service: Service) -> QueueStatus:
+    """Cancel a queue: pending images at once, running ones stopped and discarded."""
+    return await service.cancel(user.id, queue_id)
+
+
+@router.post(
+    "/retry-queue/{queue_id}",
+    response_model=QueueStatus,
+    responses={**_NOT_FOUND, 409: {"description": "Queue still running, or nothing to retry"}},
+)
+async def retry_queue(
+    queue_id: str, user: CurrentUser, service: Service, body: RetryRequest | None = None
+) -> QueueStatus:
+    """Run a finished queue's failed (and optionally cancelled) images again."""
+    return await service.retry(user.id, queue_id, bool(body and body.include_cancelled))
+
+
+@router.delete(
+    "/queue/{queue_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={**_NOT_FOUND, 409: {"description": "Queue still running"}},
+)
+async def delete_queue(queue_id: str, user: CurrentUser, service: Service) -> Response:
+    """Delete a finished queue and its images now."""
+    await service.delete(user.id, queue_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/active-queues", response_model=QueueList, response_model_exclude_none=False)
+async def active_queues(user: CurrentUser, service: Service) -> QueueList:
+    """The user's queues that have not finished, newest first (without images)."""
+    return QueueList(queues=await service.active(user.id))
+
+
+@router.get("/history", response_model=HistoryPage)
+async def history(
+    user: CurrentUser,
+    service: Service,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    status: Annotated[QueueState | None, Query()] = None,
+    tag: Annotated[str | None, Query(max_length=64)] = None,
+    search: Annotated[str | None, Query(max_length=200)] = None,
+) -> HistoryPage:
+    """The user's finished queues within the TTL, newest first, with their images."""
+    queues, total = await service.history(user.id, limit=limit, offset=offset, status=status, tag=tag, search=search)
+    return HistoryPage(queues=queues, total=total)

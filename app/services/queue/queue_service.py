@@ -1,0 +1,518 @@
+"""Create, inspect, cancel, retry and list queues: the service behind the HTTP routes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from app.core.config import Settings
+from app.core.errors import Conflict, NotFound, TooManyRequests, Unprocessable
+from app.models.queue import (
+    MAX_SEED,
+    CreateQueueRequest,
+    GenerateRequest,
+    ImageResult,
+    Priority,
+    QueueStatus,
+)
+from app.services.models import Catalog
+from app.services.queue.store import PRIORITIES, ImageStatus, QueueState, QueueStore, Schedule, user_key
+from app.services.queue.tickets import Tickets
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_QUEUE_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_TAG_LENGTH = 64
+MAX_VARIABLE_NAME_LENGTH = 64
+SERVED_CACHE_SECONDS = 2.0
+TERMINAL = {QueueState.COMPLETED, QueueState.FAILED, QueueState.CANCELLED}
+
+ImageUrl = Callable[[str, int, int], str]
+
+
+def _iso(ms: str | int | None) -> str | None:
+    if ms in (None, ""):
+        return None
+    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _position(priority: str, schedule: Schedule) -> int:
+    """Images of other queues ahead of this queue's next pending image, in the fair schedule."""
+    ahead = sum(schedule.pending[p] for p in PRIORITIES[: PRIORITIES.index(priority)])
+    # Round robin: each user ahead in the ring gets one image first; each of this user's queues
+    # ahead of this one costs a full round of every user.
+    ahead += schedule.user_rank or 0
+    ahead += (schedule.queue_rank or 0) * max(1, schedule.users)
+    return ahead
+
+
+def _page(total: int, offset: int, limit: int | None) -> tuple[int, int]:
+    start = max(0, min(offset, total))
+    return start, total if limit is None else min(total, start + max(0, limit))
+
+
+def valid_queue_id(queue_id: str) -> bool:
+    return bool(_QUEUE_ID.match(queue_id))
+
+
+class QueueService:
+    """Turns requests into queues in the store and queues into QueueStatus answers."""
+
+    def __init__(
+        self, store: QueueStore, tickets: Tickets, settings: Settings, catalog: Catalog, image_url: ImageUrl
+    ) -> None:
+        self.store = store
+        self.tickets = tickets
+        self.settings = settings
+        self.catalog = catalog
+        self.image_url = image_url
+        self._served: tuple[float, set[str]] = (0.0, set())
+
+    # -- create -----------------------------------------------------------------------------
+    def expand(self, req: CreateQueueRequest) -> list[str]:
+        """The request's prompts, with a template's variables expanded as a cartesian product."""
+        s = self.settings
+        if req.prompts is not None:
+            if not req.prompts:
+                raise Unprocessable("'prompts' must hold at least one prompt", ("body", "prompts"))
+            if len(req.prompts) > s.max_prompts:
+                raise Unprocessable(f"at most {s.max_prompts} prompts per queue", ("body", "prompts"))
+            for i, p in enumerate(req.prompts):
+                self._check_prompt(p, ("body", "prompts", i))
+            return list(req.prompts)
+        template = req.prompt or ""
+        self._check_prompt(template, ("body", "prompt"))
+        names = list(dict.fromkeys(_PLACEHOLDER.findall(template)))
+        variables = req.variables or {}
+        if len(variables) > s.max_variables:
+            raise Unprocessable(f"at most {s.max_variables} variables", ("body", "variables"))
+        missing = [n for n in names if n not in variables]
+        if missing:
+            raise Unprocessable(
+                f"the template uses {', '.join('{' + n + '}' for n in missing)} but 'variables' gives no values",
+                ("body", "variables"),
+            )
+        unused = [n for n in variables if n not in names]
+        if unused:
+            raise Unprocessable(f"variables not used in the template: {', '.join(unused)}", ("body", "variables"))
+        combos = 1
+        for n in names:
+            values = variables[n]
+            if not values:
+                raise Unprocessable(f"variable {n!r} has no values", ("body", "variables", n))
+            combos *= len(values)
+            if combos > s.max_variable_combinations:
+                raise Unprocessable(
+                    f"variables expand to more than {s.max_variable_combinations} prompts", ("body", "variables")
+                )
+        prompts: list[str] = []
+        for combo in itertools.product(*(variables[n] for n in names)):
+            mapping = dict(zip(names, combo, strict=True))
+            prompt = _PLACEHOLDER.sub(lambda m, mapping=mapping: mapping[m[1]], template)  # type: ignore[misc]
+            self._check_prompt(prompt, ("body", "prompt"))
+            prompts.append(prompt)
+        return prompts
+
+    def _check_prompt(self, prompt: str, loc: tuple[str | int, ...]) -> None:
+        if not prompt.strip():
+            raise Unprocessable("prompt must not be empty", loc)
+        if len(prompt) > self.settings.max_prompt_length:
+            raise Unprocessable(f"prompt longer than {self.settings.max_prompt_length} characters", loc)
+
+    def _check_common(
+        self, width: int, height: int, params: dict[str, Any], negative: str | None, model_name: str | None
+    ) -> str:
+        s = self.settings
+        model = self.catalog.resolve(model_name)
+        if model is None:
+            known = ", ".join(sorted(self.catalog.models))
+            raise Unprocessable(f"unknown model {model_name!r}; known models: {known}", ("body", "model"))
+        max_w = model.max_width or s.max_width
+        max_h = model.max_height or s.max_height
+        if width > max_w:
+            raise Unprocessable(f"width must be at most {max_w}", ("body", "width"))
+        if height > max_h:
+            raise Unprocessable(f"height must be at most {max_h}", ("body", "height"))
+        if len(json.dumps(params)) > s.max_params_bytes:
+            raise Unprocessable(f"params larger than {s.max_params_bytes} bytes of JSON", ("body", "params"))
+        if negative is not None and len(negative) > s.max_prompt_length:
+            raise Unprocessable(
+                f"negative_prompt longer than {s.max_prompt_length} characters", ("body", "negative_prompt")
+            )
+        return model.name
+
+    async def create(
+        self, user_id: str, req: CreateQueueRequest, idempotency_key: str | None = None
+    ) -> tuple[QueueStatus, bool]:
+        """Creates a queue; returns its status and whether it is a replay of an earlier request."""
+        s = self.settings
+        model = self._check_common(req.width, req.height, req.params, req.negative_prompt, req.model)
+        if req.count > s.max_count:
+            raise Unprocessable(f"count must be at most {s.max_count}", ("body", "count"))
+        if len(req.tags) > s.max_tags:
+            raise Unprocessable(f"at most {s.max_tags} tags", ("body", "tags"))
+        for i, tag in enumerate(req.tags):
+            if not tag.strip() or len(tag) > MAX_TAG_LENGTH:
+                raise Unprocessable(f"tags must be 1-{MAX_TAG_LENGTH} characters", ("body", "tags", i))
+        prompts = self.expand(req)
+        total = len(prompts) * req.count
+        if total > s.max_images_per_queue:
+            raise Unprocessable(
+                f"{len(prompts)} prompts x count {req.count} = {total} images; at most "
+                f"{s.max_images_per_queue} images per queue",
+                ("body", "count"),
+            )
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        if seed + total - 1 > MAX_SEED:
+            raise Unprocessable(f"seed + images must stay below {MAX_SEED}", ("body", "seed"))
+        webhook = self._check_webhook(req)
+        spec = {
+            "prompts": prompts,
+            "count": req.count,
+            "seed": seed,
+            "width": req.width,
+            "height": req.height,
+            "negative_prompt": req.negative_prompt,
+            "params": req.params,
+        }
+        fields: dict[str, str | int] = {
+            "user": user_id,
+            "model": model,
+            "priority": req.priority.value,
+            "total": total,
+            "count": req.count,
+            "seed": seed,
+            "attempt": 1,
+        }
+        if req.name:
+            fields["name"] = req.name
+        if req.tags:
+            fields["tags"] = json.dumps(req.tags)
+        if webhook:
+            fields["webhook"] = json.dumps(webhook)
+        fingerprint = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
+        queue_id = uuid.uuid4().hex
+        uk = user_key(user_id)
+        result = await self.store.create(
+            queue_id=queue_id,
+            uk=uk,
+            fields=fields,
+            spec=json.dumps(spec, separators=(",", ":")),
+            safety_ttl=s.queue_safety_ttl_seconds,
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
+            idempotency_ttl=s.idempotency_ttl_seconds,
+            max_pending=s.max_pending_images_per_user,
+            max_active=s.max_active_queues_per_user,
+        )
+        if result.outcome == "conflict":
+            raise Unprocessable(
+                "this Idempotency-Key was already used with a different request body", ("header", "Idempotency-Key")
+            )
+        if result.outcome == "limit_active":
+            raise TooManyRequests(
+                f"you already have {result.detail} active queues, the most allowed; wait for one to finish", 30
+            )
+        if result.outcome == "limit_pending":
+            raise TooManyRequests(
+                f"this queue would exceed your limit of {s.max_pending_images_per_user} pending images "
+                f"(room for {max(0, int(result.detail))} more); wait for some to finish",
+                30,
+            )
+        if result.outcome == "replay":
+            return await self.status(user_id, result.queue_id, images_limit=None), True
+        await self.wake(model, total)
+        return await self.status(user_id, queue_id, images_limit=None), False
+
+    def _check_webhook(self, req: CreateQueueRequest) -> dict[str, Any] | None:
+        if req.webhook_url is None:
+            return None
+        if not self.settings.webhook_secret:
+            raise Unprocessable(
+                "webhooks are not enabled on this server (the operator sets WEBHOOK_SECRET)", ("body", "webhook_url")
+            )
+        url = req.webhook_url
+        if not re.match(r"^https?://[^\s/]+", url) or len(url) > 2048:
+            raise Unprocessable("webhook_url must be an http(s) URL", ("body", "webhook_url"))
+        events = req.webhook_events or ["queue.started", "image.finished", "queue.finished"]
+        known = {"queue.started", "image.finished", "queue.finished"}
+        bad = [e for e in events if e not in known]
+        if bad:
+            raise Unprocessable(f"unknown webhook events {bad}; known: {sorted(known)}", ("body", "webhook_events"))
+        return {"url": url, "events": events}
+
+    async def wake(self, model: str, images: int) -> None:
+        """Enqueue enough RQ tickets for every live worker of `model` to join in."""
+        workers = [w for w in await self.store.workers() if model in w.get("models", [])]
+        wanted = max(1, min(images, len(workers)))
+        await asyncio.to_thread(self.tickets.wake, model, wanted)
+
+    async def generate(self, user_id: str, req: GenerateRequest) -> QueueStatus:
+        create = CreateQueueRequest(
+            prompts=[req.prompt],
+            seed=req.seed,
+            width=req.width,
+            height=req.height,
+            negative_prompt=req.negative_prompt,
+            params=req.params,
+            model=req.model,
+            priority=Priority.HIGH,
+        )
+        status, _ = await self.create(user_id, create)
+        return status
+
+    async def wait_terminal(self, user_id: str, queue_id: str, timeout: float) -> QueueStatus:
+        """The queue's status once terminal, or as it stands when `timeout` runs out."""
+        deadline = time.monotonic() + timeout
+        key = self.store.queue_events_key(queue_id)
+        last: Any = "0-0"
+        while True:
+            status = await self.status(user_id, queue_id, images_limit=None)
+            if status.status in TERMINAL and status.finished_at:
+                return status
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return status
+            block = int(min(remaining, 1.0) * 1000) or 1
+            events: Any = await self.store.redis.xread({key: last}, block=block, count=100)
+            entries: list[Any] = events[0][1] if events else []
+            if entries:
+                last = entries[-1][0]
+
+    # -- read -------------------------------------------------------------------------------
+    async def _meta(self, user_id: str, queue_id: str) -> dict[str, str]:
+        if not valid_queue_id(queue_id):
+            raise NotFound("queue not found")
+        meta = await self.store.meta(queue_id)
+        if meta is None or meta.get("uk") != user_key(user_id):
+            raise NotFound("queue not found")
+        return meta
+
+    async def status(
+        self, user_id: str, queue_id: str, *, images_offset: int = 0, images_limit: int | None = None
+    ) -> QueueStatus:
+        if not valid_queue_id(queue_id):
+            raise NotFound("queue not found")
+        found_summary = await self.store.summary(queue_id)
+        if found_summary is None or found_summary[0].get("uk") != user_key(user_id):
+            raise NotFound("queue not found")
+        if images_limit == 0:
+            return await self._with_warnings(await self._summary(queue_id, *found_summary))
+        total = int(await self.store.queue_field(queue_id, "total") or 0)
+        start, stop = _page(total, images_offset, images_limit)
+        indexes = list(range(start, stop))
+        found, records = await self.store.snapshot(queue_id, None if len(indexes) > 256 else indexes)
+        if found is None or found.get("uk") != user_key(user_id):
+            raise NotFound("queue not found")
+        status = await self._summary(queue_id, found, found_summary[1])
+        await self._attach_images(status, found, records, images_offset, images_limit)
+        return await self._with_warnings(status)
+
+    async def _with_warnings(self, status: QueueStatus) -> QueueStatus:
+        if status.finished_at is None and status.pending and status.model not in await self._served_models():
+            status.warnings.append(
+                f"no live worker serves model {status.model!r}: its images wait until one starts"
+            )
+        return status
+
+    async def _served_models(self) -> set[str]:
+        """Models some live worker serves; cached briefly, as every status poll asks."""
+        now = time.monotonic()
+        if now - self._served[0] > SERVED_CACHE_SECONDS:
+            workers = await self.store.workers()
+            self._served = (now, {m for w in workers for m in w.get("models", [])})
+        return self._served[1]
+
+    async def _summary(self, queue_id: str, meta: dict[str, str], schedule: Schedule | None = None) -> QueueStatus:
+        counts = {k: int(meta.get(k, 0)) for k in ("total", "pending", "running", "succeeded", "failed", "cancelled")}
+        total = counts["total"]
+        terminal = counts["succeeded"] + counts["failed"] + counts["cancelled"]
+        position: int | None = None
+        eta: float | None = None
+        if schedule is not None and not meta.get("finished_at"):
+            position = _position(meta["priority"], schedule) if counts["pending"] else None
+            if schedule.rate > 0:
+                eta = round(((position or 0) + counts["pending"] + counts["running"] * 0.5) / schedule.rate, 1)
+        webhook = json.loads(meta["webhook"]) if meta.get("webhook") else None
+        if webhook is not None and meta.get("webhook_state"):
+            webhook["deliveries"] = json.loads(meta["webhook_state"])
+        return QueueStatus(
+            queue_id=queue_id,
+            total=counts["total"],
+            pending=counts["pending"],
+            running=counts["running"],
+            succeeded=counts["succeeded"],
+            failed=counts["failed"],
+            cancelled=counts["cancelled"],
+            name=meta.get("name"),
+            status=QueueState(meta["status"]),
+            priority=Priority(meta["priority"]),
+            model=meta["model"],
+            tags=json.loads(meta.get("tags", "[]")),
+            progress=round(100.0 * terminal / total, 2) if total else 100.0,
+            position=position,
+            eta_seconds=eta,
+            created_at=_iso(meta["created_at"]) or "",
+            started_at=_iso(meta.get("started_at")),
+            finished_at=_iso(meta.get("finished_at")),
+            attempt=int(meta.get("attempt", 1)),
+            webhook=webhook,
+        )
+
+    async def _attach_images(
+        self,
+        status: QueueStatus,
+        meta: dict[str, str],
+        records: dict[int, dict[str, Any]],
+        offset: int,
+        limit: int | None,
+    ) -> None:
+        start, stop = _page(status.total, offset, limit)
+        spec_raw = await self.store.spec(status.queue_id)
+        spec: dict[str, Any] = json.loads(spec_raw) if spec_raw else {"prompts": [""], "count": 1, "seed": 0}
+        indexes = range(start, stop)
+        cut = meta.get("cut") == "1"
+        cursor = int(meta.get("cursor", 0))
+        prompts: Sequence[str] = spec["prompts"]
+        count = int(spec["count"])
+        images = []
+        for i in indexes:
+            rec = records.get(i)
+            if rec is not None:
+                state = ImageStatus(rec["s"])
+            else:
+                state = ImageStatus.CANCELLED if (cut and i >= cursor) else ImageStatus.PENDING
+            attempts = int(rec.get("a", 0)) if rec else 0
+            images.append(
+                ImageResult(
+                    index=i,
+                    prompt=prompts[i // count],
+                    seed=int(spec["seed"]) + i,
+                    status=state,
+                    url=self.image_url(status.queue_id, i, attempts) if state == ImageStatus.SUCCEEDED else None,
+                    error=rec.get("e") if rec else None,
+                    started_at=_iso(rec.get("t0")) if rec else None,
+                    finished_at=_iso(rec.get("t1")) if rec else None,
+                    attempts=attempts,
+                )
+            )
+        status.images = images
+        status.images_offset = start
+        status.images_limit = None if limit is None else limit
+
+    async def active(self, user_id: str) -> list[QueueStatus]:
+        uk = user_key(user_id)
+        ids = await self.store.user_queue_ids(uk, "active")
+        out, gone = [], []
+        for qid in ids:
+            found = await self.store.summary(qid)
+            if found is None:
+                gone.append(qid)
+            elif not found[0].get("finished_at"):
+                out.append(await self._summary(qid, *found))
+        await self.store.forget(uk, "active", gone)
+        return out
+
+    async def history(
+        self,
+        user_id: str,
+        *,
+        limit: int,
+        offset: int,
+        status: QueueState | None = None,
+        tag: str | None = None,
+        search: str | None = None,
+    ) -> tuple[list[QueueStatus], int]:
+        uk = user_key(user_id)
+        horizon = int((time.time() - self.settings.queue_ttl_seconds) * 1000)
+        ids = await self.store.user_queue_ids(uk, "hist", min_score=horizon)
+        metas = await self.store.metas(ids)
+        rows = [(qid, m) for qid, m in zip(ids, metas, strict=True) if m is not None and m.get("finished_at")]
+        await self.store.forget(uk, "hist", [qid for qid, m in zip(ids, metas, strict=True) if m is None])
+        if status is not None:
+            rows = [(q, m) for q, m in rows if m["status"] == status.value]
+        if tag is not None:
+            rows = [(q, m) for q, m in rows if tag in json.loads(m.get("tags", "[]"))]
+        if search:
+            needle = search.casefold()
+            kept = []
+            for qid, m in rows:
+                if needle in m.get("name", "").casefold():
+                    kept.append((qid, m))
+                    continue
+                spec = await self.store.spec(qid)
+                if spec and any(needle in p.casefold() for p in json.loads(spec)["prompts"]):
+                    kept.append((qid, m))
+            rows = kept
+        page = rows[offset : offset + limit]
+        out = []
+        for qid, meta in page:
+            st = await self._summary(qid, meta)
+            await self._attach_images(st, meta, await self.store.records(qid), 0, None)
+            out.append(st)
+        return out, len(rows)
+
+    # -- change -----------------------------------------------------------------------------
+    async def cancel(self, user_id: str, queue_id: str) -> QueueStatus:
+        if not valid_queue_id(queue_id):
+            raise NotFound("queue not found")
+        s = self.settings
+        outcome = await self.store.cancel(queue_id, user_key(user_id), s.queue_ttl_seconds, self._user_ttl)
+        if outcome == "notfound":
+            raise NotFound("queue not found")
+        if outcome == "conflict":
+            meta = await self._meta(user_id, queue_id)
+            raise Conflict(f"queue already finished ({meta['status']}); nothing to cancel")
+        return await self.status(user_id, queue_id)
+
+    async def retry(self, user_id: str, queue_id: str, include_cancelled: bool) -> QueueStatus:
+        if not valid_queue_id(queue_id):
+            raise NotFound("queue not found")
+        outcome, _ = await self.store.retry(
+            queue_id, user_key(user_id), include_cancelled, self.settings.queue_safety_ttl_seconds
+        )
+        if outcome == "notfound":
+            raise NotFound("queue not found")
+        if outcome == "conflict":
+            raise Conflict("queue is still running; retry it once it has finished (or cancel it first)")
+        if outcome == "nothing":
+            what = "failed or cancelled" if include_cancelled else "failed"
+            raise Conflict(f"queue has no {what} images to retry")
+        meta = await self._meta(user_id, queue_id)
+        await self.wake(meta["model"], int(meta["pending"]))
+        return await self.status(user_id, queue_id)
+
+    async def delete(self, user_id: str, queue_id: str) -> None:
+        if not valid_queue_id(queue_id):
+            raise NotFound("queue not found")
+        outcome = await self.store.delete(queue_id, user_key(user_id))
+        if outcome == "notfound":
+            raise NotFound("queue not found")
+        if outcome == "conflict":
+            raise Conflict("queue is still running; cancel it first, then delete it once nothing of it runs")
+
+    async def image(self, queue_id: str, index: int) -> tuple[bytes, str, int, str] | None:
+        """(bytes, content type, attempt, owner key) of a succeeded image, or None."""
+        if not valid_queue_id(queue_id):
+            return None
+        records = await self.store.records(queue_id, [index])
+        rec = records.get(index)
+        if rec is None or rec.get("s") != ImageStatus.SUCCEEDED:
+            return None
+        data = await self.store.blob(queue_id, index)
+        meta = await self.store.meta(queue_id)
+        if data is None or meta is None:
+            return None
+        return data, rec.get("ct") or "image/png", int(rec.get("a", 0)), meta["uk"]
+
+    @property
+    def _user_ttl(self) -> int:
+        return self.settings.queue_ttl_seconds + self.settings.queue_safety_ttl_seconds

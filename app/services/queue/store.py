@@ -1,0 +1,481 @@
+"""The only module that knows imagequeue's Redis keys, TTLs and Lua scripts.
+
+Pending images are never stored one by one: a queue keeps a cursor over its images, and an image
+gets a record only once a worker claims it. A queue therefore costs a few hundred bytes whatever its
+size until its images run. Every state change that touches counts goes through one Lua script, so
+the five counts always add up to `total`. See store.lua for the key layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+PREFIX = "iq:"
+PRIORITIES = ("high", "normal", "low")
+LEASES_KEY = PREFIX + "leases"
+INFLIGHT_KEY = PREFIX + "inflight"
+WORKERS_KEY = PREFIX + "workers"
+STATS_KEY = PREFIX + "stats"
+CANCEL_CHANNEL = PREFIX + "cancel"
+USER_EVENTS_MAXLEN = 10_000
+THROUGHPUT_BUCKET_MS = 10_000
+THROUGHPUT_WINDOW_BUCKETS = 6
+REAP_BATCH = 200
+PROVIDER_HEALTH_TTL_SECONDS = 3600
+
+
+class ImageStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class QueueState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Outcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    REQUEUE = "requeue"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def user_key(user_id: str) -> str:
+    """A user's id as it appears in keys: hashed, so no id can collide with or spell another key."""
+    return hashlib.sha256(user_id.encode()).hexdigest()[:32]
+
+
+def queue_key(queue_id: str) -> str:
+    return f"{PREFIX}q:{{{queue_id}}}"
+
+
+def worker_key(name: str) -> str:
+    return f"{PREFIX}w:{name}"
+
+
+def _user(uk: str, suffix: str) -> str:
+    return f"{PREFIX}u:{uk}:{suffix}"
+
+
+def _load_scripts() -> tuple[str, dict[str, str]]:
+    text = (Path(__file__).with_name("store.lua")).read_text()
+    parts = re.split(r"^-- @(preamble|script \w+)$", text, flags=re.MULTILINE)
+    preamble, bodies = "", {}
+    for marker, body in zip(parts[1::2], parts[2::2], strict=True):
+        if marker == "preamble":
+            preamble = body
+        else:
+            bodies[marker.split()[1]] = body
+    return preamble, bodies
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    queue_id: str
+    index: int
+    attempt: int
+
+    @property
+    def lease_member(self) -> str:
+        return f"{self.queue_id}|{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """How one claimed image ended."""
+
+    claim: Claim
+    outcome: Outcome
+    error: str = ""
+    blob: bytes = b""
+    content_type: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    claims: list[Claim]
+    wait_ms: int  # > 0 when a provider asked every worker to back off
+    capped: bool  # a concurrency cap stopped the claim
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult:
+    outcome: str  # created | replay | conflict | limit_active | limit_pending
+    queue_id: str
+    detail: str = ""
+
+
+class QueueStore:
+    """Async access to queues, the fair schedule, leases, events and images in Redis."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        preamble, bodies = _load_scripts()
+        self._scripts: dict[str, AsyncScript] = {
+            name: redis.register_script(preamble + "\n" + body) for name, body in bodies.items()
+        }
+
+    async def _run(self, name: str, *args: Any) -> Any:
+        return await self._scripts[name](keys=[], args=list(args))
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    # -- queues -----------------------------------------------------------------------------
+    async def create(
+        self,
+        *,
+        queue_id: str,
+        uk: str,
+        fields: Mapping[str, str | int],
+        spec: str,
+        safety_ttl: int,
+        idempotency_key: str | None,
+        fingerprint: str,
+        idempotency_ttl: int,
+        max_pending: int,
+        max_active: int,
+    ) -> CreateResult:
+        idem = ""
+        if idempotency_key is not None:
+            idem = f"{PREFIX}idem:{uk}:{hashlib.sha256(idempotency_key.encode()).hexdigest()}"
+        res = await self._run(
+            "create",
+            queue_id,
+            uk,
+            now_ms(),
+            safety_ttl,
+            json.dumps(dict(fields)),
+            spec,
+            idem,
+            fingerprint,
+            idempotency_ttl,
+            max_pending,
+            max_active,
+        )
+        outcome, value = _s(res[0]), _s(res[1])
+        if outcome in ("created", "replay", "conflict"):
+            return CreateResult(outcome, value)
+        return CreateResult(outcome, "", value)
+
+    async def cancel(self, queue_id: str, uk: str, ttl: int, user_ttl: int) -> str:
+        return _s(await self._run("cancel", queue_id, uk, now_ms(), ttl, user_ttl))
+
+    async def retry(self, queue_id: str, uk: str, include_cancelled: bool, safety_ttl: int) -> tuple[str, int]:
+        res = await self._run("retry", queue_id, uk, "1" if include_cancelled else "0", now_ms(), safety_ttl)
+        return _s(res[0]), int(res[1])
+
+    async def delete(self, queue_id: str, uk: str) -> str:
+        return _s(await self._run("delete", queue_id, uk))
+
+    async def meta(self, queue_id: str) -> dict[str, str] | None:
+        raw = await self.redis.hgetall(queue_key(queue_id))
+        return {_s(k): _s(v) for k, v in raw.items()} if raw else None
+
+    async def metas(self, queue_ids: Sequence[str]) -> list[dict[str, str] | None]:
+        if not queue_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for qid in queue_ids:
+                pipe.hgetall(queue_key(qid))
+            rows = await pipe.execute()
+        return [{_s(k): _s(v) for k, v in row.items()} if row else None for row in rows]
+
+    async def statuses(self, queue_ids: Iterable[str]) -> dict[str, str | None]:
+        ids = list(queue_ids)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for qid in ids:
+                pipe.hget(queue_key(qid), "status")
+            rows = await pipe.execute()
+        return {qid: (_s(v) if v is not None else None) for qid, v in zip(ids, rows, strict=True)}
+
+    async def queue_field(self, queue_id: str, name: str) -> str | None:
+        value = await self.redis.hget(queue_key(queue_id), name)
+        return _s(value) if value is not None else None
+
+    async def spec(self, queue_id: str) -> str | None:
+        raw = await self.redis.get(queue_key(queue_id) + ":spec")
+        return _s(raw) if raw is not None else None
+
+    async def records(self, queue_id: str, indexes: Sequence[int] | None = None) -> dict[int, dict[str, Any]]:
+        """Records of images that have left "never claimed"; all of them, or those among `indexes`."""
+        key = queue_key(queue_id) + ":img"
+        if indexes is None:
+            raw = await self.redis.hgetall(key)
+            return {int(k): json.loads(v) for k, v in raw.items()}
+        if not indexes:
+            return {}
+        values = await self.redis.hmget(key, [str(i) for i in indexes])
+        return {i: json.loads(v) for i, v in zip(indexes, values, strict=True) if v is not None}
+
+    async def snapshot(
+        self, queue_id: str, indexes: Sequence[int] | None
+    ) -> tuple[dict[str, str] | None, dict[int, dict[str, Any]]]:
+        """Meta and image records read atomically (MULTI), so counts and records agree."""
+        key = queue_key(queue_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(key)
+            if indexes is None:
+                pipe.hgetall(key + ":img")
+            elif indexes:
+                pipe.hmget(key + ":img", [str(i) for i in indexes])
+            rows = await pipe.execute()
+        meta = {_s(k): _s(v) for k, v in rows[0].items()} if rows[0] else None
+        if indexes is None:
+            records = {int(k): json.loads(v) for k, v in rows[1].items()}
+        elif indexes:
+            records = {i: json.loads(v) for i, v in zip(indexes, rows[1], strict=True) if v is not None}
+        else:
+            records = {}
+        return meta, records
+
+    async def blob(self, queue_id: str, index: int) -> bytes | None:
+        value = await self.redis.hget(queue_key(queue_id) + ":blob", str(index))
+        return value.encode() if isinstance(value, str) else value
+
+    async def user_queue_ids(self, uk: str, which: str, *, min_score: int | None = None) -> list[str]:
+        """Queue ids of a user's `active` or `hist` index, newest first."""
+        key = _user(uk, which)
+        if min_score is not None:
+            # History entries outlive nothing: drop those whose queue has expired.
+            await self.redis.zremrangebyscore(key, "-inf", f"({min_score}")
+        return [_s(v) for v in await self.redis.zrevrange(key, 0, -1)]
+
+    async def forget(self, uk: str, which: str, queue_ids: Sequence[str]) -> None:
+        if queue_ids:
+            await self.redis.zrem(_user(uk, which), *queue_ids)
+
+    # -- schedule ---------------------------------------------------------------------------
+    async def claim(
+        self, worker: str, models: Sequence[str], n: int, caps: Mapping[str, int], lease_ms: int
+    ) -> ClaimResult:
+        res = await self._run("claim", worker, now_ms(), lease_ms, n, json.dumps(dict(caps)), json.dumps(list(models)))
+        claims = [Claim(_s(res[i]), int(res[i + 1]), int(res[i + 2])) for i in range(2, len(res), 3)]
+        return ClaimResult(claims, int(res[0]), bool(int(res[1])))
+
+    async def complete(
+        self,
+        claim: Claim,
+        outcome: Outcome,
+        *,
+        ttl: int,
+        user_ttl: int,
+        error: str = "",
+        blob: bytes = b"",
+        content_type: str = "",
+    ) -> str:
+        return _s(
+            await self._run(
+                "complete",
+                claim.queue_id,
+                claim.index,
+                claim.attempt,
+                outcome.value,
+                now_ms(),
+                error,
+                ttl,
+                user_ttl,
+                blob,
+                content_type,
+            )
+        )
+
+    async def complete_many(self, reports: Sequence[Report], *, ttl: int, user_ttl: int) -> list[str]:
+        """Several completions in one pipelined round trip (each still its own atomic script)."""
+        script = self._scripts["complete"]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for r in reports:
+                await script(
+                    keys=[],
+                    args=[r.claim.queue_id, r.claim.index, r.claim.attempt, r.outcome.value, now_ms(), r.error,
+                          ttl, user_ttl, r.blob, r.content_type],
+                    client=pipe,
+                )
+            results = await pipe.execute()
+        return [_s(v) for v in results]
+
+    async def renew(self, members: Sequence[str], lease_ms: int) -> None:
+        if members:
+            await self._run("renew", now_ms() + lease_ms, *members)
+
+    async def reap(self, max_lost: int, ttl: int, user_ttl: int) -> list[str]:
+        """Re-queue images whose worker stopped renewing their lease; returns the models touched."""
+        res = await self._run("reap", now_ms(), REAP_BATCH, max_lost, ttl, user_ttl)
+        return sorted({_s(m) for m in res})
+
+    async def claimable(self, model: str) -> int:
+        values = await self.redis.hvals(f"{PREFIX}pend:{model}")
+        return sum(max(0, int(v)) for v in values)
+
+    async def pending_by_priority(self, model: str) -> dict[str, int]:
+        raw = await self.redis.hgetall(f"{PREFIX}pend:{model}")
+        return {p: max(0, int(raw.get(p.encode(), 0))) for p in PRIORITIES}
+
+    async def user_pending(self, uk: str) -> int:
+        return max(0, int(await self.redis.hget(_user(uk, "stats"), "pending") or 0))
+
+    async def ranks(self, model: str, priority: str, uk: str, queue_id: str) -> tuple[int | None, int, int | None]:
+        """Where a user and one of their queues stand in the round-robin rings: (user rank, users, queue rank)."""
+        ring = f"{PREFIX}s:{model}:{priority}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrank(ring, uk)
+            pipe.zcard(ring)
+            pipe.zrank(f"{ring}:{uk}", queue_id)
+            user_rank, users, queue_rank = await pipe.execute()
+        return user_rank, int(users), queue_rank
+
+    async def summary(self, queue_id: str) -> tuple[dict[str, str], Schedule | None] | None:
+        """The meta hash and, while the queue runs, its place in the schedule: one round trip."""
+        bucket = now_ms() // THROUGHPUT_BUCKET_MS
+        res = await self._run("summary", queue_id, bucket, THROUGHPUT_WINDOW_BUCKETS)
+        if not res:
+            return None
+        flat, extra = res
+        meta = {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
+        if not extra:
+            return meta, None
+        pending = {p: max(0, int(extra[i])) for i, p in enumerate(PRIORITIES)}
+        user_rank, users, queue_rank = (int(v) for v in extra[3:6])
+        return meta, Schedule(
+            pending=pending,
+            user_rank=None if user_rank < 0 else user_rank,
+            users=users,
+            queue_rank=None if queue_rank < 0 else queue_rank,
+            rate=_rate([int(v) for v in extra[6:]]),
+        )
+
+    async def throughput(self, model: str) -> float:
+        """Images finished per second over the last minute, for ETAs."""
+        bucket = now_ms() // THROUGHPUT_BUCKET_MS
+        keys = [f"{PREFIX}tp:{model}:{bucket - i}" for i in range(THROUGHPUT_WINDOW_BUCKETS + 1)]
+        values = await self.redis.mget(keys)
+        return _rate([int(v or 0) for v in values])
+
+    async def finished_totals(self) -> dict[str, int]:
+        raw = await self.redis.hgetall(STATS_KEY)
+        totals = {s.value: 0 for s in (ImageStatus.SUCCEEDED, ImageStatus.FAILED, ImageStatus.CANCELLED)}
+        totals.update({_s(k): int(v) for k, v in raw.items()})
+        return totals
+
+    async def inflight(self) -> dict[str, int]:
+        raw = await self.redis.hgetall(INFLIGHT_KEY)
+        return {_s(k): int(v) for k, v in raw.items()}
+
+    # -- provider health ----------------------------------------------------------------------
+    async def record_provider(self, model: str, ok: bool, error: str = "") -> None:
+        key = f"{PREFIX}health:{model}"
+        fields: Any = {"ok_at": now_ms()} if ok else {"error_at": now_ms(), "error": error[:500]}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=fields)
+            pipe.expire(key, PROVIDER_HEALTH_TTL_SECONDS)
+            await pipe.execute()
+
+    async def provider_health(self, model: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(f"{PREFIX}health:{model}")
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    # -- provider back-off ------------------------------------------------------------------
+    async def set_backoff(self, model: str, seconds: float) -> None:
+        ms = max(1, int(seconds * 1000))
+        key = f"{PREFIX}backoff:{model}"
+        # Extend only: a shorter Retry-After never cuts a longer wait another worker was told.
+        current = await self.redis.pttl(key)
+        if current < ms:
+            await self.redis.set(key, "1", px=ms)
+
+    async def backoff_ms(self, model: str) -> int:
+        return max(0, int(await self.redis.pttl(f"{PREFIX}backoff:{model}")))
+
+    # -- workers ----------------------------------------------------------------------------
+    async def register_worker(self, name: str, info: Mapping[str, Any], ttl_ms: int) -> None:
+        expiry = now_ms() + ttl_ms
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(WORKERS_KEY, {name: expiry})
+            pipe.set(worker_key(name), json.dumps(dict(info)), px=ttl_ms)
+            pipe.zremrangebyscore(WORKERS_KEY, "-inf", now_ms())
+            await pipe.execute()
+
+    async def unregister_worker(self, name: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(WORKERS_KEY, name)
+            pipe.delete(worker_key(name))
+            await pipe.execute()
+
+    async def workers(self) -> list[dict[str, Any]]:
+        names = [_s(n) for n in await self.redis.zrangebyscore(WORKERS_KEY, now_ms(), "+inf")]
+        if not names:
+            return []
+        values = await self.redis.mget([worker_key(n) for n in names])
+        return [json.loads(v) for v in values if v is not None]
+
+    # -- webhooks ---------------------------------------------------------------------------
+    async def lease_webhooks(self, limit: int, lease_ms: int) -> list[str]:
+        return [_s(q) for q in await self._run("webhook_lease", now_ms(), limit, lease_ms)]
+
+    async def webhook_job(self, queue_id: str) -> dict[str, str | None]:
+        names = ("webhook", "wh_cursor", "webhook_state", "user")
+        values = await self.redis.hmget(queue_key(queue_id), list(names))
+        return {n: (_s(v) if v is not None else None) for n, v in zip(names, values, strict=True)}
+
+    async def events_after(self, queue_id: str, cursor: str, count: int) -> list[tuple[str, dict[str, Any]]]:
+        rows: Any = await self.redis.xrange(queue_key(queue_id) + ":ev", f"({cursor}", "+", count=count)
+        return [(_s(i), json.loads(f[b"d"])) for i, f in rows]
+
+    async def webhook_progress(
+        self, queue_id: str, cursor: str, state: Mapping[str, Any], next_due_ms: int | None
+    ) -> None:
+        await self._run(
+            "webhook_progress", queue_id, cursor, json.dumps(dict(state)), "" if next_due_ms is None else next_due_ms
+        )
+
+    # -- events -----------------------------------------------------------------------------
+    def queue_events_key(self, queue_id: str) -> str:
+        return queue_key(queue_id) + ":ev"
+
+    def user_events_key(self, uk: str) -> str:
+        return _user(uk, "ev")
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """Where an unfinished queue stands: claimable images per priority, its rank among users and
+    among its user's queues, and its model's recent throughput (images/s)."""
+
+    pending: dict[str, int]
+    user_rank: int | None
+    users: int
+    queue_rank: int | None
+    rate: float
+
+
+def _rate(buckets: list[int]) -> float:
+    """Images/s over the whole buckets plus the current one's elapsed part."""
+    elapsed_in_current = (now_ms() % THROUGHPUT_BUCKET_MS) / 1000
+    window = THROUGHPUT_WINDOW_BUCKETS * THROUGHPUT_BUCKET_MS / 1000 + elapsed_in_current
+    return sum(buckets) / window
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

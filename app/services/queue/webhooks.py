@@ -1,0 +1,172 @@
+"""Webhook delivery, run by the workers beside generation (never in its way).
+
+A queue created with `webhook_url` has its events (the same stream the SSE endpoint serves)
+POSTed in order: `queue.started`, `image.finished` and `queue.finished`. Each POST is signed:
+
+    X-ImageQueue-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>
+
+Non-2xx answers and timeouts are retried with exponential backoff for up to WEBHOOK_MAX_RETRY_SECONDS
+(an hour by default); after that the event is dropped and counted. Delivery state is kept in the
+queue (`webhook.deliveries` in its status). URLs that resolve to private, loopback or link-local
+addresses are refused unless WEBHOOK_ALLOW_PRIVATE is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import random
+import socket
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from app.services.queue.store import QueueStore, now_ms
+
+log = logging.getLogger("imagequeue.webhooks")
+
+LEASE_MS = 30_000
+BATCH_QUEUES = 16
+EVENTS_PER_ROUND = 100
+DELIVERY_TIMEOUT_SECONDS = 10.0
+MAX_BACKOFF_SECONDS = 300.0
+SIGNATURE_HEADER = "X-ImageQueue-Signature"
+
+
+def event_type(event: dict[str, Any]) -> str | None:
+    """The webhook event an internal event stands for, if any."""
+    if event.get("type") == "queue":
+        if event.get("final"):
+            return "queue.finished"
+        if event.get("status") == "running":
+            return "queue.started"
+    if event.get("type") == "image" and event.get("status") in ("succeeded", "failed", "cancelled"):
+        return "image.finished"
+    return None
+
+
+def sign(secret: bytes, timestamp: int, body: bytes) -> str:
+    digest = hmac.new(secret, str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def _private(host: str) -> bool:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        return False
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if address.is_private or address.is_loopback or address.is_link_local or address.is_reserved:
+            return True
+    return False
+
+
+class WebhookDispatcher:
+    """Leases queues with due deliveries and sends their events in order."""
+
+    def __init__(
+        self,
+        store: QueueStore,
+        client: httpx.AsyncClient,
+        secret: bytes,
+        *,
+        allow_private: bool,
+        max_retry_seconds: float,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.secret = secret
+        self.allow_private = allow_private
+        self.max_retry_seconds = max_retry_seconds
+
+    async def run_once(self) -> int:
+        queue_ids = await self.store.lease_webhooks(BATCH_QUEUES, LEASE_MS)
+        if queue_ids:
+            await asyncio.gather(*(self._deliver(qid) for qid in queue_ids), return_exceptions=True)
+        return len(queue_ids)
+
+    async def _deliver(self, queue_id: str) -> None:
+        job = await self.store.webhook_job(queue_id)
+        if not job["webhook"]:
+            await self.store.webhook_progress(queue_id, job["wh_cursor"] or "0-0", {}, None)
+            return
+        config = json.loads(job["webhook"])
+        state: dict[str, Any] = json.loads(job["webhook_state"] or "{}")
+        state.setdefault("delivered", 0)
+        state.setdefault("dropped", 0)
+        state.setdefault("attempts", 0)
+        cursor = job["wh_cursor"] or "0-0"
+        wanted = set(config.get("events") or [])
+        url = config["url"]
+        host = urlsplit(url).hostname or ""
+        if not self.allow_private and await asyncio.to_thread(_private, host):
+            state.update(last_error=f"refused: {host} resolves to a private address", gave_up=True)
+            events = await self.store.events_after(queue_id, cursor, 10_000)
+            cursor = events[-1][0] if events else cursor
+            await self.store.webhook_progress(queue_id, cursor, state, None)
+            return
+        for event_id, event in await self.store.events_after(queue_id, cursor, EVENTS_PER_ROUND):
+            kind = event_type(event)
+            if kind is None or kind not in wanted:
+                cursor = event_id
+                continue
+            ok, status, error = await self._post(url, event_id, kind, event)
+            state["attempts"] += 1
+            state["last_status"] = status
+            state["last_attempt_at"] = now_ms()
+            if ok:
+                state["delivered"] += 1
+                state["last_error"] = None
+                state.pop("failing_since", None)
+                state.pop("next_attempt_at", None)
+                cursor = event_id
+                continue
+            state["last_error"] = error
+            failing_since = state.setdefault("failing_since", now_ms())
+            if now_ms() - failing_since > self.max_retry_seconds * 1000:
+                log.warning("webhook gave up on an event after retrying", extra={"queue_id": queue_id})
+                state["dropped"] += 1
+                state.pop("failing_since", None)
+                cursor = event_id
+                continue
+            failures = state.get("consecutive_failures", 0) + 1
+            state["consecutive_failures"] = failures
+            delay = min(MAX_BACKOFF_SECONDS, 2 ** min(failures, 10)) * random.uniform(0.5, 1.0)
+            state["next_attempt_at"] = now_ms() + int(delay * 1000)
+            await self.store.webhook_progress(queue_id, cursor, state, state["next_attempt_at"])
+            return
+        state["consecutive_failures"] = 0
+        await self.store.webhook_progress(queue_id, cursor, state, None)
+
+    async def _post(self, url: str, event_id: str, kind: str, event: dict[str, Any]) -> tuple[bool, int | None, str]:
+        payload = {
+            "id": event_id,
+            "type": kind,
+            "queue_id": event["queue_id"],
+            "created_at": event.get("ts"),
+            "data": {k: v for k, v in event.items() if k not in ("queue_id", "ts")},
+        }
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "imagequeue-webhooks",
+            "X-ImageQueue-Event": kind,
+            "X-ImageQueue-Delivery": event_id,
+            SIGNATURE_HEADER: sign(self.secret, int(time.time()), body),
+        }
+        try:
+            response = await self.client.post(
+                url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT_SECONDS, follow_redirects=False
+            )
+        except httpx.HTTPError as exc:
+            return False, None, f"{type(exc).__name__}: {exc}"[:300]
+        if 200 <= response.status_code < 300:
+            return True, response.status_code, ""
+        return False, response.status_code, f"HTTP {response.status_code}"

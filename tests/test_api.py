@@ -1,0 +1,287 @@
+"""The HTTP contract end to end: real API process, real worker process, real Redis."""
+
+from __future__ import annotations
+
+import io
+import time
+from datetime import UTC, datetime
+
+import httpx
+from jose import jwt
+from PIL import Image
+
+from tests.utils import TEST_SECRET, assert_counts_consistent, auth, new_user, token, wait_status
+
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+def create(client: httpx.Client, headers: dict[str, str], **body: object) -> httpx.Response:
+    return client.post("/create-queue", json=body, headers=headers)
+
+
+# -- auth ---------------------------------------------------------------------------------------
+def test_missing_token_is_401_with_bearer_challenge(client: httpx.Client) -> None:
+    r = client.get("/active-queues")
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert "detail" in r.json()
+
+
+def test_bad_tokens_are_401(client: httpx.Client) -> None:
+    now = int(time.time())
+    bad = {
+        "malformed": "not-a-jwt",
+        "expired": token("u", ttl=-10),
+        "wrong signature": token("u", secret="another-secret-of-enough-length"),
+        "no sub": jwt.encode({"exp": now + 60}, TEST_SECRET, algorithm="HS256"),
+        "no exp": jwt.encode({"sub": "u"}, TEST_SECRET, algorithm="HS256"),
+        "alg none": "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZXhwIjo5OTk5OTk5OTk5fQ.",
+        "other alg": jwt.encode({"sub": "u", "exp": now + 60}, TEST_SECRET, algorithm="HS512"),
+    }
+    for what, tok in bad.items():
+        r = client.get("/active-queues", headers={"Authorization": f"Bearer {tok}"})
+        assert r.status_code == 401, what
+        assert r.headers.get("www-authenticate") == "Bearer", what
+        assert r.json()["detail"], what
+
+
+def test_health_and_openapi_need_no_token(client: httpx.Client) -> None:
+    health = client.get("/health")
+    assert health.status_code == 200
+    body = health.json()
+    assert body["status"] == "ok" and body["redis"] is True and body["workers"] >= 1
+    spec = client.get("/openapi.json").json()
+    for path in ("/create-queue", "/queue-status/{queue_id}", "/cancel-queue/{queue_id}", "/active-queues",
+                 "/history", "/queue/{queue_id}", "/generate", "/health", "/retry-queue/{queue_id}"):
+        assert path in spec["paths"], path
+    assert client.get("/ready").json() == {"ready": True}
+
+
+# -- create and run -------------------------------------------------------------------------------
+def test_batch_completes_with_fetchable_pngs_and_seeds(client: httpx.Client) -> None:
+    headers = auth(new_user())
+    r = create(client, headers, prompts=["a red fox", "a blue owl"], count=3, seed=100, width=64, height=64,
+               name="animals", tags=["t1"])
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert created["total"] == 6 and created["name"] == "animals" and created["tags"] == ["t1"]
+    assert_counts_consistent(created)
+    done = wait_status(client, headers, created["queue_id"], {"completed"})
+    assert done["succeeded"] == 6 and done["progress"] == 100.0 and done["position"] is None
+    assert_counts_consistent(done)
+    images = done["images"]
+    assert [i["seed"] for i in images] == [100, 101, 102, 103, 104, 105]
+    assert [i["prompt"] for i in images] == ["a red fox"] * 3 + ["a blue owl"] * 3
+    blobs = set()
+    for image in images:
+        assert image["status"] == "succeeded" and image["started_at"] and image["finished_at"]
+        got = httpx.get(client.base_url.join(image["url"]))  # signed: no token needed
+        assert got.status_code == 200
+        assert got.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(got.content)).size == (64, 64)
+        blobs.add(got.content)
+    assert len(blobs) == 6  # different prompt or seed, different picture
+
+
+def test_image_url_access_rules(client: httpx.Client) -> None:
+    owner, other = auth(new_user()), auth(new_user())
+    qid = create(client, owner, prompts=["x"], width=64, height=64).json()["queue_id"]
+    image = wait_status(client, owner, qid, {"completed"})["images"][0]
+    plain = f"/images/{qid}/0"
+    assert client.get(plain, headers=owner).status_code == 200
+    assert client.get(plain, headers=other).status_code == 404
+    assert client.get(plain).status_code == 401
+    tampered = image["url"].replace("sig=", "sig=A")
+    assert client.get(tampered).status_code == 404
+    expired = f"{plain}?exp={int(time.time()) - 5}&sig=" + "A" * 43
+    assert client.get(expired).status_code == 404
+    assert client.get(f"/images/{qid}/1", headers=owner).status_code == 404
+
+
+def test_template_expands_as_cartesian_product(client: httpx.Client) -> None:
+    headers = auth(new_user())
+    r = create(client, headers, prompt="a {colour} {animal}", variables={"colour": ["red", "blue"],
+               "animal": ["fox", "owl", "cat"]}, width=64, height=64)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["total"] == 6
+    prompts = [i["prompt"] for i in body["images"]]
+    assert prompts == ["a red fox", "a red owl", "a red cat", "a blue fox", "a blue owl", "a blue cat"]
+    wait_status(client, headers, body["queue_id"], {"completed"})
+
+
+def test_bad_input_gets_clear_422(client: httpx.Client) -> None:
+    headers = auth(new_user())
+    cases = {
+        "neither": {},
+        "both": {"prompts": ["a"], "prompt": "b"},
+        "missing variable": {"prompt": "a {colour} fox"},
+        "unused variable": {"prompt": "a fox", "variables": {"colour": ["red"]}},
+        "empty values": {"prompt": "a {c}", "variables": {"c": []}},
+        "empty prompt": {"prompts": ["  "]},
+        "count zero": {"prompts": ["a"], "count": 0},
+        "too many images": {"prompts": ["a"] * 100, "count": 1000},
+        "too wide": {"prompts": ["a"], "width": 100_000},
+        "too small": {"prompts": ["a"], "width": 8},
+        "long prompt": {"prompts": ["a" * 10_000]},
+        "unknown model": {"prompts": ["a"], "model": "no-such-model"},
+        "bad priority": {"prompts": ["a"], "priority": "urgent"},
+        "negative seed": {"prompts": ["a"], "seed": -1},
+        "huge params": {"prompts": ["a"], "params": {"x": "y" * 20_000}},
+        "expansion too big": {"prompt": "{a}{b}", "variables": {"a": [str(i) for i in range(100)],
+                                                               "b": [str(i) for i in range(100)]}},
+        "bad webhook": {"prompts": ["a"], "webhook_url": "ftp://example"},
+    }
+    for what, body in cases.items():
+        r = create(client, headers, **body)
+        assert r.status_code == 422, (what, r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert isinstance(detail, list) and detail[0]["msg"], what
+    r = create(client, headers, prompts=["a"], model="no-such-model")
+    assert "known models" in r.json()["detail"][0]["msg"]
+    assert client.get("/active-queues", headers=headers).json()["queues"] == []
+
+
+def test_oversized_body_is_413(client: httpx.Client) -> None:
+    r = client.post("/create-queue", content=b"{" + b" " * 2_000_000 + b"}", headers={
+        **auth(new_user()), "Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert "detail" in r.json()
+
+
+def test_unknown_and_foreign_queues_are_404(client: httpx.Client) -> None:
+    owner, other = auth(new_user()), auth(new_user())
+    qid = create(client, owner, prompts=["x"], width=64, height=64).json()["queue_id"]
+    for path in (f"/queue-status/{qid}", "/queue-status/0123456789abcdef0123456789abcdef",
+                 "/queue-status/../../etc"):
+        assert client.get(path, headers=other).status_code == 404, path
+    assert client.post(f"/cancel-queue/{qid}", headers=other).status_code == 404
+    assert client.delete(f"/queue/{qid}", headers=other).status_code == 404
+    wait_status(client, owner, qid, {"completed"})
+
+
+# -- cancel --------------------------------------------------------------------------------------
+def test_cancel_mid_batch_leaves_exact_counts(client: httpx.Client) -> None:
+    headers = auth(new_user())
+    qid = create(client, headers, prompts=["slow"], count=40, width=64, height=64,
+                 params={"latency_ms": 200}).json()["queue_id"]
+    wait_status(client, headers, qid, {"running"}, final=False)
+    r = client.post(f"/cancel-queue/{qid}", headers=headers)
+    returned_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "cancelled" and body["pending"] == 0
+    assert_counts_consistent(body)
+    done = wait_status(client, headers, qid, {"cancelled"}, timeout=10)
+    assert done["running"] == 0 and done["cancelled"] >= 30
+    assert done["succeeded"] + done["cancelled"] == 40
+    assert_counts_consistent(done)
+    # No image of the queue started after the cancel call returned.
+    assert all(i["started_at"] is None or i["started_at"] <= returned_at for i in done["images"])
+    assert client.post(f"/cancel-queue/{qid}", headers=headers).status_code == 200  # no-op
+
+
+def test_cancel_completed_queue_is_409(client: httpx.Client) -> None:
+    headers = auth(new_user())
+    qid = create(client, headers, prompts=["x"], width=64, height=64).json()["queue_id"]
+    wait_status(client, headers, qid, {"completed"})
+    r = client.post(f"/cancel-queue/{qid}", headers=headers)
+    assert r.status_code == 409 and "detail" in r.json()
+
+
+# -- lists -----------------------------------------------------------------------------------------
+def test_active_history_and_delete(client: httpx.Client) -> None:
+    headers = auth(new_user())
+    slow = create(client, headers, prompts=["slow"], count=20, width=64, height=64, params={"latency_ms": 300},
+                  name="slow one").json()["queue_id"]
+    fast = create(client, headers, prompts=["fast cat"], width=64, height=64, name="fast", tags=["pets"]).json()
+    wait_status(client, headers, fast["queue_id"], {"completed"})
+    active = client.get("/active-queues", headers=headers).json()["queues"]
+    assert [q["queue_id"] for q in active] == [slow]
+    assert active[0].get("images") is None
+    assert client.delete(f"/queue/{slow}", headers=headers).status_code == 409
+    client.post(f"/cancel-queue/{slow}", headers=headers)
+    wait_status(client, headers, slow, {"cancelled"})
+    history = client.get("/history", headers=headers).json()
+    assert history["total"] == 2
+    assert [q["queue_id"] for q in history["queues"]] == [slow, fast["queue_id"]]  # newest finished first
+    assert history["queues"][1]["images"][0]["status"] == "succeeded"
+    assert client.get("/history?tag=pets", headers=headers).json()["total"] == 1
+    assert client.get("/history?status=cancelled", headers=headers).json()["queues"][0]["queue_id"] == slow
+    assert client.get("/history?search=CAT", headers=headers).json()["queues"][0]["queue_id"] == fast["queue_id"]
+    assert client.get("/history?limit=1&offset=1", headers=headers).json()["queues"][0]["queue_id"] == \
+        fast["queue_id"]
+    assert client.delete(f"/queue/{fast['queue_id']}", headers=headers).status_code == 204
+    assert client.get(f"/queue-status/{fast['queue_id']}", headers=headers).status_code == 404
+    assert client.get("/history", headers=headers).json()["total"] == 1
+    assert client.get("/active-queues", headers=headers).json()["queues"] == []
+
+
+def test_status_images_can_be_paged(client: httpx.Client) -> None:
+    headers = auth(new_user())
+    qid = create(client, headers, prompts=["p"], count=30, width=64, height=64).json()["queue_id"]
+    page = client.get(f"/queue-status/{qid}?images_offset=10&images_limit=5", headers=headers).json()
+    assert [i["index"] for i in page["images"]] == [10, 11, 12, 13, 14]
+    summary = client.get(f"/queue-status/{qid}?images_limit=0", headers=headers).json()
+    assert summary["images"] is None and summary["total"] == 30
+    wait_status(client, headers, qid, {"completed"})
+
+
+# -- idempotency, generate, retry --------------------------------------------------------------
+def test_idempotency_key_replays_same_queue(client: httpx.Client) -> None:
+    headers = {**auth(new_user()), "Idempotency-Key": "abc-123"}
+    first = create(client, headers, prompts=["x"], width=64, height=64)
+    again = create(client, headers, prompts=["x"], width=64, height=64)
+    assert first.status_code == again.status_code == 201
+    assert first.json()["queue_id"] == again.json()["queue_id"]
+    assert again.headers.get("idempotent-replayed") == "true"
+    different = create(client, headers, prompts=["y"], width=64, height=64)
+    assert different.status_code == 422
+    other_user = create(client, {**auth(new_user()), "Idempotency-Key": "abc-123"}, prompts=["x"], width=64,
+                        height=64)
+    assert other_user.json()["queue_id"] != first.json()["queue_id"]
+
+
+def test_generate_returns_image_or_202(client: httpx.Client) -> None:
+    headers = auth(new_user())
+    r = client.post("/generate?wait=30", json={"prompt": "a lighthouse", "seed": 3, "width": 64, "height": 64},
+                    headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["image"]["status"] == "succeeded" and body["image"]["seed"] == 3
+    assert httpx.get(client.base_url.join(body["image"]["url"])).status_code == 200
+    slow = client.post("/generate?wait=0", json={"prompt": "slow", "width": 64, "height": 64,
+                                                  "params": {"latency_ms": 500}}, headers=headers)
+    assert slow.status_code == 202
+    assert slow.json()["priority"] == "high" and slow.json()["total"] == 1
+
+
+def test_failed_images_carry_provider_message_and_can_be_retried(client: httpx.Client) -> None:
+    headers = auth(new_user())
+    qid = create(client, headers, prompts=["x"], count=2, width=64, height=64,
+                 params={"fail": "content policy violation"}).json()["queue_id"]
+    done = wait_status(client, headers, qid, {"failed"})
+    assert done["failed"] == 2
+    assert all("content policy violation" in (i["error"] or "") for i in done["images"])
+    r = client.post(f"/retry-queue/{qid}", headers=headers, json={})
+    assert r.status_code == 200 and r.json()["attempt"] == 2
+    again = wait_status(client, headers, qid, {"failed"})
+    assert again["attempt"] == 2 and again["failed"] == 2
+    assert all(i["attempts"] == 2 for i in again["images"])
+
+
+def test_retry_rules(client: httpx.Client) -> None:
+    headers = auth(new_user())
+    qid = create(client, headers, prompts=["x"], width=64, height=64).json()["queue_id"]
+    wait_status(client, headers, qid, {"completed"})
+    assert client.post(f"/retry-queue/{qid}", headers=headers).status_code == 409  # nothing failed
+    slow = create(client, headers, prompts=["s"], count=10, width=64, height=64,
+                  params={"latency_ms": 300}).json()["queue_id"]
+    assert client.post(f"/retry-queue/{slow}", headers=headers).status_code == 409  # still running
+    client.post(f"/cancel-queue/{slow}", headers=headers)
+    wait_status(client, headers, slow, {"cancelled"})
+    r = client.post(f"/retry-queue/{slow}", headers=headers, json={"include_cancelled": True})
+    assert r.status_code == 200
+    done = wait_status(client, headers, slow, {"completed"}, timeout=30)
+    assert done["succeeded"] == 10 and done["cancelled"] == 0
+    assert_counts_consistent(done)

@@ -1,0 +1,69 @@
+"""Prometheus metrics move as a batch runs: the API's (with Redis-wide figures) and a worker's own."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import fresh_redis_url
+from tests.utils import (
+    RedisServer,
+    auth,
+    free_port,
+    new_user,
+    service_env,
+    start_api,
+    start_worker,
+    wait_status,
+    wait_until,
+)
+
+
+def samples(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def test_metrics_count_a_batch(redis_server: RedisServer) -> None:
+    env = service_env(fresh_redis_url(redis_server))
+    port = free_port()
+    api, base = start_api(env)
+    worker = start_worker(env, "--concurrency=4", f"--metrics-port={port}")
+    headers = auth(new_user())
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            wait_until(lambda: client.get("/health").json()["workers"] == 1, 20)
+            before = samples(client.get("/metrics").text)
+            qid = client.post("/create-queue", headers=headers, json={
+                "prompts": ["a", "b"], "count": 3, "width": 64, "height": 64, "params": {"fail": ""}}).json()[
+                "queue_id"]
+            failing = client.post("/create-queue", headers=headers, json={
+                "prompts": ["c"], "width": 64, "height": 64, "params": {"fail": "nope"}}).json()["queue_id"]
+            wait_status(client, headers, qid, {"completed"})
+            wait_status(client, headers, failing, {"failed"})
+            after = samples(client.get("/metrics").text)
+            worker_text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        worker.stop()
+        api.stop()
+    key = "imagequeue_images_finished_total{status=succeeded}"
+    assert after[key] - before.get(key, 0) == 6
+    assert after["imagequeue_images_finished_total{status=failed}"] - \
+        before.get("imagequeue_images_finished_total{status=failed}", 0) == 1
+    assert after["imagequeue_queues_created_total{model=procedural,priority=normal}"] == 2
+    assert after["imagequeue_images_created_total{model=procedural}"] == 7
+    assert after["imagequeue_workers{}"] == 1 and after["imagequeue_worker_concurrency{}"] == 4
+    assert after["imagequeue_images_pending{model=procedural,priority=normal}"] == 0
+    created = "imagequeue_http_request_duration_seconds_count{method=POST,route=/create-queue,status=201}"
+    assert after[created] == 2
+    worker_samples = samples(worker_text)
+    assert worker_samples["imagequeue_worker_images_total{model=procedural,status=succeeded}"] == 6
+    assert worker_samples["imagequeue_provider_errors_total{kind=rejected,model=procedural}"] == 1
+    assert worker_samples["imagequeue_provider_request_duration_seconds_count{model=procedural,outcome=ok}"] == 6
+    assert re.search(r"imagequeue_worker_images_in_flight 0", worker_text)

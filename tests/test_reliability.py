@@ -1,0 +1,182 @@
+"""Fault injection: workers killed and stopped, Redis restarted, cancels racing running images.
+
+Each test starts its own API and worker processes on a database (or server) of its own, and
+checks that every image ends in exactly one terminal state and none is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import fresh_redis_url
+from tests.utils import (
+    RedisServer,
+    assert_counts_consistent,
+    auth,
+    new_user,
+    service_env,
+    start_api,
+    start_worker,
+    wait_status,
+    wait_until,
+)
+
+
+def _records(redis_url: str, queue_id: str) -> dict[int, dict[str, object]]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        raw = client.hgetall(f"iq:q:{{{queue_id}}}:img")
+        return {int(k): json.loads(v) for k, v in raw.items()}
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def own_stack(redis_server: RedisServer) -> Iterator[tuple[str, dict[str, str], str]]:
+    url = fresh_redis_url(redis_server)
+    env = service_env(url)
+    api, base = start_api(env)
+    yield url, env, base
+    api.stop()
+
+
+def test_killed_worker_images_rerun_elsewhere_within_seconds(own_stack: tuple[str, dict[str, str], str]) -> None:
+    url, env, base = own_stack
+    victim = start_worker(env, "--concurrency=4", name="victim")
+    survivor = start_worker(env, "--concurrency=4", name="survivor")
+    headers = auth(new_user())
+    with httpx.Client(base_url=base, timeout=30) as client:
+        qid = client.post("/create-queue", headers=headers, json={
+            "prompts": ["p"], "count": 40, "width": 64, "height": 64, "params": {"latency_ms": 400}}).json()["queue_id"]
+        held = wait_until(
+            lambda: [i for i, r in _records(url, qid).items() if r["w"] == "victim" and r["s"] == "running"],
+            20, what="the victim to hold images")
+        victim.kill()
+        killed_at = time.monotonic()
+
+        def rerun() -> bool:
+            recs = _records(url, qid)
+            return all(recs[i]["s"] != "running" or recs[i]["w"] != "victim" for i in held)
+
+        wait_until(rerun, 30, what="images of the killed worker to be re-run")
+        recovery = time.monotonic() - killed_at
+        done = wait_status(client, headers, qid, {"completed"}, timeout=60)
+    survivor.stop()
+    assert done["succeeded"] == 40 and done["failed"] == 0
+    assert_counts_consistent(done)
+    assert recovery < 30, recovery
+    print(f"\nkill -9 to re-run: {recovery:.2f}s for {len(held)} image(s)")
+
+
+def test_sigterm_finishes_running_images_and_exits_zero(own_stack: tuple[str, dict[str, str], str]) -> None:
+    url, env, base = own_stack
+    worker = start_worker(env, "--concurrency=4", "--grace=10", name="graceful")
+    headers = auth(new_user())
+    with httpx.Client(base_url=base, timeout=30) as client:
+        qid = client.post("/create-queue", headers=headers, json={
+            "prompts": ["p"], "count": 12, "width": 64, "height": 64, "params": {"latency_ms": 700}}).json()["queue_id"]
+        wait_until(lambda: any(r["s"] == "running" for r in _records(url, qid).values()), 20, what="running images")
+        worker.signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        code = worker.proc.wait(20)
+        stopped_in = time.monotonic() - t0
+        assert code == 0, worker.output()
+        status = client.get(f"/queue-status/{qid}", headers=headers).json()
+        assert status["running"] == 0 and status["failed"] == 0  # finished, not failed or stuck
+        assert status["succeeded"] >= 1
+        rest = start_worker(env, "--concurrency=4")
+        done = wait_status(client, headers, qid, {"completed"}, timeout=60)
+        rest.stop()
+    assert done["succeeded"] == 12
+    assert_counts_consistent(done)
+    assert stopped_in < 10, stopped_in
+
+
+def test_sigterm_past_grace_hands_images_back(own_stack: tuple[str, dict[str, str], str]) -> None:
+    url, env, base = own_stack
+    worker = start_worker(env, "--concurrency=4", "--grace=0.5", name="impatient")
+    headers = auth(new_user())
+    with httpx.Client(base_url=base, timeout=30) as client:
+        qid = client.post("/create-queue", headers=headers, json={
+            "prompts": ["p"], "count": 8, "width": 64, "height": 64, "params": {"latency_ms": 5000}}).json()["queue_id"]
+        wait_until(lambda: sum(r["s"] == "running" for r in _records(url, qid).values()) == 4, 20,
+                   what="four running images")
+        worker.signal(signal.SIGTERM)
+        assert worker.proc.wait(15) == 0, worker.output()
+        status = client.get(f"/queue-status/{qid}", headers=headers).json()
+        assert status["running"] == 0 and status["pending"] == 8 and status["failed"] == 0, status
+        rest = start_worker(env, "--concurrency=8")
+        done = wait_status(client, headers, qid, {"completed"}, timeout=60)
+        rest.stop()
+    assert done["succeeded"] == 8
+    assert_counts_consistent(done)
+
+
+def test_cancel_stops_running_images_within_a_second(own_stack: tuple[str, dict[str, str], str]) -> None:
+    _url, env, base = own_stack
+    worker = start_worker(env, "--concurrency=8")
+    headers, bystander = auth(new_user()), auth(new_user())
+    with httpx.Client(base_url=base, timeout=30) as client:
+        qid = client.post("/create-queue", headers=headers, json={
+            "prompts": ["p"], "count": 8, "width": 64, "height": 64,
+            "params": {"latency_ms": 20000}}).json()["queue_id"]
+        other = client.post("/create-queue", headers=bystander, json={
+            "prompts": ["q"], "count": 1, "width": 64, "height": 64,
+            "params": {"latency_ms": 1500}}).json()["queue_id"]
+        wait_until(lambda: client.get(f"/queue-status/{qid}", headers=headers).json()["running"] >= 4, 20,
+                   what="running images")
+        t0 = time.monotonic()
+        assert client.post(f"/cancel-queue/{qid}", headers=headers).status_code == 200
+        done = wait_status(client, headers, qid, {"cancelled"}, timeout=5)
+        quiet = time.monotonic() - t0
+        other_done = wait_status(client, bystander, other, {"completed"}, timeout=30)
+    worker.stop()
+    assert done["cancelled"] == 8 and done["running"] == 0
+    assert_counts_consistent(done)
+    assert quiet < 1.0, quiet
+    assert other_done["succeeded"] == 1  # another user's running image was not touched
+    print(f"\ncancel to quiet: {quiet:.3f}s")
+
+
+def test_redis_restart_api_503_then_queue_finishes(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True).start()
+    env = service_env(server.url)
+    api, base = start_api(env)
+    worker = start_worker(env, "--concurrency=4")
+    headers = auth(new_user())
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            qid = client.post("/create-queue", headers=headers, json={
+                "prompts": ["p"], "count": 30, "width": 64, "height": 64,
+                "params": {"latency_ms": 150}}).json()["queue_id"]
+            wait_status(client, headers, qid, {"running"}, final=False)
+            server.stop()
+            t0 = time.monotonic()
+            r = client.get(f"/queue-status/{qid}", headers=headers)
+            answered_in = time.monotonic() - t0
+            assert r.status_code == 503 and "Redis" in r.json()["detail"]
+            assert answered_in < 5, answered_in
+            assert client.get("/health").status_code == 503
+            assert client.post("/create-queue", headers=headers, json={"prompts": ["x"]}).status_code == 503
+            time.sleep(2)
+            server.start()
+            wait_until(lambda: client.get("/health").status_code == 200, 20, what="API to recover")
+            done = wait_status(client, headers, qid, {"completed"}, timeout=60)
+            assert done["succeeded"] == 30, [i["error"] for i in done["images"] if i["error"]]
+            assert_counts_consistent(done)
+            after = client.post("/create-queue", headers=headers, json={"prompts": ["x"], "width": 64, "height": 64})
+            assert after.status_code == 201
+            wait_status(client, headers, after.json()["queue_id"], {"completed"}, timeout=30)
+    finally:
+        worker.stop()
+        api.stop()
+        server.stop()

@@ -1,0 +1,118 @@
+"""The store's atomic scripts against real Redis: fairness, leases, exactly-once accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from app.services.queue.store import Outcome, QueueStore
+from tests.conftest import fresh_redis_url
+from tests.utils import RedisServer
+
+TTL = 600
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[QueueStore]:
+    client = Redis.from_url(fresh_redis_url(redis_server), max_connections=1000)
+    yield QueueStore(client)
+    await client.aclose()
+
+
+async def make(store: QueueStore, qid: str, uk: str, total: int, priority: str = "normal", model: str = "m") -> None:
+    result = await store.create(
+        queue_id=qid, uk=uk, fields={"model": model, "priority": priority, "total": total, "user": uk},
+        spec=json.dumps({"prompts": ["p"], "count": total, "seed": 0}), safety_ttl=TTL, idempotency_key=None,
+        fingerprint="", idempotency_ttl=TTL, max_pending=0, max_active=0,
+    )
+    assert result.outcome == "created"
+
+
+def counts(meta: dict[str, str] | None) -> dict[str, int]:
+    assert meta is not None
+    return {k: int(meta[k]) for k in ("total", "pending", "running", "succeeded", "failed", "cancelled")}
+
+
+async def test_claims_alternate_between_users_not_fifo(store: QueueStore) -> None:
+    await make(store, "big", "alice", 100)
+    await make(store, "small", "bob", 2)
+    result = await store.claim("w", ["m"], 6, {}, 10_000)
+    owners = [c.queue_id for c in result.claims]
+    assert owners[:4].count("small") == 2, owners  # bob's two images go out in the first rounds
+
+
+async def test_higher_priority_always_first(store: QueueStore) -> None:
+    await make(store, "low", "a", 3, "low")
+    await make(store, "normal", "b", 3, "normal")
+    await make(store, "high", "c", 3, "high")
+    result = await store.claim("w", ["m"], 9, {}, 10_000)
+    assert [c.queue_id for c in result.claims] == ["high"] * 3 + ["normal"] * 3 + ["low"] * 3
+
+
+async def test_concurrency_cap_holds_across_claims(store: QueueStore) -> None:
+    await make(store, "q", "a", 10)
+    first = await store.claim("w1", ["m"], 10, {"m": 3}, 10_000)
+    second = await store.claim("w2", ["m"], 10, {"m": 3}, 10_000)
+    assert len(first.claims) == 3 and second.claims == [] and second.capped
+    await store.complete(first.claims[0], Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, blob=b"x", content_type="image/png")
+    third = await store.claim("w2", ["m"], 10, {"m": 3}, 10_000)
+    assert len(third.claims) == 1
+
+
+async def test_lapsed_lease_requeues_and_late_report_is_discarded(store: QueueStore) -> None:
+    await make(store, "q", "a", 1)
+    (first,) = (await store.claim("w1", ["m"], 1, {}, 1)).claims
+    await asyncio.sleep(0.01)
+    assert await store.reap(3, TTL, TTL) == ["m"]
+    assert counts(await store.meta("q"))["pending"] == 1
+    (second,) = (await store.claim("w2", ["m"], 1, {}, 10_000)).claims
+    assert second.index == first.index and second.attempt == first.attempt + 1
+    # The first worker was not dead after all: its late result must not count.
+    assert await store.complete(first, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, blob=b"a", content_type="x") == "stale"
+    assert await store.complete(second, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, blob=b"b", content_type="x") == \
+        "completed"
+    assert await store.complete(second, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, blob=b"c", content_type="x") == \
+        "stale"
+    c = counts(await store.meta("q"))
+    assert c == {"total": 1, "pending": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0}
+    assert await store.blob("q", 0) == b"b"
+
+
+async def test_image_lost_too_often_fails_with_reason(store: QueueStore) -> None:
+    await make(store, "q", "a", 1)
+    for _ in range(2):
+        await store.claim("w", ["m"], 1, {}, 1)
+        await asyncio.sleep(0.01)
+        await store.reap(2, TTL, TTL)
+    meta = await store.meta("q")
+    assert meta is not None and meta["status"] == "failed"
+    records = await store.records("q")
+    assert "lost" in records[0]["e"]
+
+
+async def test_racing_completions_and_cancel_keep_counts_exact(store: QueueStore) -> None:
+    await make(store, "q", "a", 200)
+    claims = (await store.claim("w", ["m"], 100, {}, 10_000)).claims
+
+    async def finish(i: int) -> None:
+        outcome = Outcome.SUCCEEDED if i % 2 else Outcome.FAILED
+        await store.complete(claims[i], outcome, ttl=TTL, user_ttl=TTL, blob=b"x", content_type="image/png")
+
+    results = await asyncio.gather(*(finish(i) for i in range(100)), store.cancel("q", "a", TTL, TTL))
+    assert results[-1] == "cancelled"
+    c = counts(await store.meta("q"))
+    assert sum(c[k] for k in ("pending", "running", "succeeded", "failed", "cancelled")) == 200
+    assert c["pending"] == 0 and c["running"] == 0
+
+
+async def test_finished_queue_keys_expire_with_the_ttl(store: QueueStore) -> None:
+    await make(store, "q", "a", 1)
+    (claim,) = (await store.claim("w", ["m"], 1, {}, 10_000)).claims
+    assert 0 < await store.redis.ttl("iq:q:{q}") <= TTL
+    await store.complete(claim, Outcome.SUCCEEDED, ttl=60, user_ttl=120, blob=b"x", content_type="image/png")
+    for suffix in ("", ":spec", ":img", ":blob", ":ev"):
+        assert 0 < await store.redis.ttl("iq:q:{q}" + suffix) <= 60, suffix

@@ -1,0 +1,140 @@
+"""Webhooks from real worker processes to a local receiver: signatures, retries, order, SSRF guard."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from tests.conftest import fresh_redis_url
+from tests.utils import RedisServer, auth, free_port, new_user, service_env, start_api, start_worker, wait_until
+
+SECRET = "whsec-test-0123456789"
+
+
+class Receiver:
+    """Verifies signatures; answers the scripted status codes first, then 200."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.received: list[dict[str, Any]] = []
+        self.bad_signatures = 0
+        self.script: list[int] = []
+        self.lock = threading.Lock()
+        app = Starlette(routes=[Route("/hook", self.hook, methods=["POST"])])
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    async def hook(self, request: Request) -> Response:
+        body = await request.body()
+        header = request.headers["x-imagequeue-signature"]
+        parts = dict(p.split("=", 1) for p in header.split(","))
+        expected = hmac.new(SECRET.encode(), parts["t"].encode() + b"." + body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, parts["v1"]):
+            self.bad_signatures += 1
+            return Response(status_code=400)
+        with self.lock:
+            status = self.script.pop(0) if self.script else 200
+        self.received.append({"status": status, "event": json.loads(body),
+                              "type": request.headers["x-imagequeue-event"]})
+        return Response(status_code=status)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    r.thread.start()
+    wait_until(lambda: r.server.started, 10)
+    yield r
+    r.server.should_exit = True
+    r.thread.join(10)
+
+
+@pytest.fixture
+def hook_stack(redis_server: RedisServer) -> Iterator[tuple[httpx.Client, dict[str, str]]]:
+    env = service_env(fresh_redis_url(redis_server), WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOW_PRIVATE="true")
+    api, base = start_api(env)
+    worker = start_worker(env, "--concurrency=4")
+    with httpx.Client(base_url=base, timeout=30) as client:
+        yield client, env
+    worker.stop()
+    api.stop()
+
+
+def test_webhooks_signed_retried_and_in_order(receiver: Receiver, hook_stack: tuple) -> None:
+    client, _ = hook_stack
+    headers = auth(new_user())
+    receiver.script = [500]
+    qid = client.post("/create-queue", headers=headers, json={
+        "prompts": ["a"], "count": 3, "width": 64, "height": 64, "webhook_url": receiver.url}).json()["queue_id"]
+    accepted = lambda: [r for r in receiver.received if r["status"] == 200]  # noqa: E731
+    wait_until(lambda: len(accepted()) == 5, 30, what="five accepted deliveries")
+    assert receiver.bad_signatures == 0
+    assert receiver.received[0]["status"] == 500  # the first try failed ...
+    assert receiver.received[1]["event"]["id"] == receiver.received[0]["event"]["id"]  # ... and was retried
+    types = [r["type"] for r in accepted()]
+    assert types == ["queue.started", "image.finished", "image.finished", "image.finished", "queue.finished"]
+    ids = [r["event"]["id"] for r in accepted()]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    final = accepted()[-1]["event"]
+    assert final["queue_id"] == qid and final["data"]["counts"]["succeeded"] == 3
+
+    def webhook_state() -> dict[str, Any] | None:
+        hook = client.get(f"/queue-status/{qid}", headers=headers).json()["webhook"]
+        return hook if hook.get("deliveries", {}).get("delivered") == 5 else None
+
+    hook = wait_until(webhook_state, 10, what="delivery state in the status")
+    assert hook["url"] == receiver.url and hook["deliveries"]["attempts"] == 6
+    assert hook["events"] == ["queue.started", "image.finished", "queue.finished"]
+
+
+def test_webhook_event_filter(receiver: Receiver, hook_stack: tuple) -> None:
+    client, _ = hook_stack
+    headers = auth(new_user())
+    client.post("/create-queue", headers=headers, json={
+        "prompts": ["a"], "count": 2, "width": 64, "height": 64, "webhook_url": receiver.url,
+        "webhook_events": ["queue.finished"]})
+    wait_until(lambda: receiver.received, 20, what="a delivery")
+    time.sleep(1.0)  # room for any unwanted delivery to show up
+    assert [r["type"] for r in receiver.received] == ["queue.finished"]
+
+
+def test_private_webhook_targets_are_refused_by_default(redis_server: RedisServer, receiver: Receiver) -> None:
+    env = service_env(fresh_redis_url(redis_server), WEBHOOK_SECRET=SECRET)
+    api, base = start_api(env)
+    worker = start_worker(env, "--concurrency=2")
+    headers = auth(new_user())
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            qid = client.post("/create-queue", headers=headers, json={
+                "prompts": ["a"], "width": 64, "height": 64, "webhook_url": receiver.url}).json()["queue_id"]
+            hook = wait_until(lambda: client.get(f"/queue-status/{qid}", headers=headers).json()["webhook"]
+                              .get("deliveries"), 20, what="delivery state")
+            assert "private address" in hook["last_error"]
+            assert receiver.received == []
+    finally:
+        worker.stop()
+        api.stop()
+
+
+def test_webhooks_need_a_configured_secret(client: httpx.Client) -> None:
+    r = client.post("/create-queue", headers=auth(new_user()), json={"prompts": ["a"],
+                                                                     "webhook_url": "https://example.com/h"})
+    assert r.status_code == 422 and "WEBHOOK_SECRET" in r.json()["detail"][0]["msg"]
