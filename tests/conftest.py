@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.utils import Proc, RedisServer, service_env, start_api, start_worker, wait_until
+from tests.utils import DATABASES, Proc, RedisServer, service_env, start_api, start_worker, wait_until
 
 _db_numbers = itertools.count(1)
 
@@ -24,9 +24,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 
 
 def fresh_redis_url(server: RedisServer) -> str:
-    """A database of its own on the session server (16 databases: enough for the stacks we start)."""
+    """A database of its own on the session server, which is started with DATABASES of them."""
     db = next(_db_numbers)
-    assert db < 16, "too many stacks on one test Redis"
+    assert db < DATABASES, "too many stacks on one test Redis"
     return f"redis://127.0.0.1:{server.port}/{db}"
 
 

@@ -20,6 +20,7 @@ from jose import jwt
 ROOT = Path(__file__).resolve().parent.parent
 TEST_SECRET = "test-secret-" + "x" * 24
 LOG_DIR = ROOT / "test-artifacts" / "logs"
+DATABASES = 512  # one per test that wants a clean slate; the server is ours, so it may have many
 
 
 def free_port() -> int:
@@ -65,7 +66,7 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no"]
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--databases", str(DATABASES)]
         if self.appendonly:
             args += ["--appendfsync", "always"]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
