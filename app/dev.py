@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = dict(os.environ)
     procs: list[subprocess.Popen[bytes]] = []
+    redis_proc: subprocess.Popen[bytes] | None = None
     if args.embedded_redis or (not env.get("REDIS_URL") and not env.get("REDIS_HOST")):
         default = f"redis://127.0.0.1:{DEFAULT_REDIS_PORT}/0"
         if not args.embedded_redis and answers(default):
@@ -111,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"using the Redis answering at {default}")
         else:
             port = free_port()
-            procs.append(start_redis(DATA_DIR / "redis", port))
+            redis_proc = start_redis(DATA_DIR / "redis", port)
+            procs.append(redis_proc)
             env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
             print(f"started an embedded Redis at {env['REDIS_URL']} (data in {DATA_DIR / 'redis'})")
     if not env.get("JWT_SECRET") and not env.get("JWT_PUBLIC_KEY"):
@@ -145,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://{args.host}:{args.port}"
     print(f"\nimagequeue is starting at {base}  (web client: {base}/, API docs: {base}/docs)")
     print(f"token for user 'local-user' (24 h):\n\n  export TOKEN={token}\n")
+    # A wildcard bind address is not something a browser can open.
+    browser_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    print(f"web client, signed in as 'local-user':\n\n  http://{browser_host}:{args.port}/#token={token}\n")
     print("Ctrl+C stops everything.")
 
     stopping = False
@@ -159,16 +164,26 @@ def main(argv: list[str] | None = None) -> int:
         while not stopping and all(p.poll() is None for p in procs):
             time.sleep(0.2)
     finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        # Workers and the API first (workers hand unfinished images back to Redis), Redis last.
+        services = [p for p in procs if p is not redis_proc]
+        _stop(services)
+        if redis_proc is not None:
+            _stop([redis_proc])
     failed = [p.args for p in procs if p.returncode not in (0, -signal.SIGTERM)]
     return 1 if failed and not stopping else 0
+
+
+def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 40) -> None:
+    """SIGTERM to all of `procs` at once, then wait for each (killing what outlives `timeout`)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 if __name__ == "__main__":
