@@ -8,7 +8,13 @@ import sys
 import time
 from typing import Any
 
-CONTEXT_FIELDS = ("queue_id", "image", "user", "worker", "model", "attempt", "status", "seconds", "error")
+CONTEXT_FIELDS = (
+    "queue_id", "image", "user", "worker", "model", "attempt", "status", "seconds", "error", "images",
+    "method", "path", "http_status", "ms",
+)
+# uvicorn's own loggers go through our JSON handler; its access log is replaced by ours, which
+# leaves out query strings (stream tokens and image signatures travel there).
+_UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,3 +48,7 @@ def configure_logging(level: str, component: str) -> None:
     root.setLevel(level.upper())
     for noisy in ("rq.worker", "rq.queue", "rq.job", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in _UVICORN_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = name != "uvicorn.access"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -12,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.services.queue.store import PRIORITIES, QueueStore
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_access_log = logging.getLogger("imagequeue.access")
 PROVIDER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
 
@@ -85,7 +87,14 @@ class TimingMiddleware:
             # The router leaves the matched route in the scope: label by its template, not the raw
             # path, so ids do not explode the label set.
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.http_latency.labels(scope["method"], route, str(status)).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.http_latency.labels(scope["method"], route, str(status)).observe(elapsed)
+            if _access_log.isEnabledFor(logging.INFO):
+                _access_log.info(
+                    "%s %s %d", scope["method"], scope["path"], status,
+                    extra={"method": scope["method"], "path": scope["path"], "http_status": status,
+                           "ms": round(elapsed * 1000, 2)},
+                )
 
 
 def install_metrics(app: FastAPI, metrics: ApiMetrics) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
@@ -13,6 +14,7 @@ from app.routers.deps import Service
 from app.services.queue.store import QueueState
 
 router = APIRouter(tags=["queues"])
+log = logging.getLogger("imagequeue.api")
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown queue, or someone else's"}}
@@ -39,6 +41,8 @@ async def create_queue(
         metrics = request.app.state.metrics
         metrics.queues_created.labels(result.model, result.priority.value).inc()
         metrics.images_created.labels(result.model).inc(result.total)
+        log.info("queue %s created: %d image(s)", result.queue_id, result.total,
+                 extra={"queue_id": result.queue_id, "user": user.id, "model": result.model, "images": result.total})
     return result
 
 
@@ -63,7 +67,9 @@ async def queue_status(
 )
 async def cancel_queue(queue_id: str, user: CurrentUser, service: Service) -> QueueStatus:
     """Cancel a queue: pending images at once, running ones stopped and discarded."""
-    return await service.cancel(user.id, queue_id)
+    result = await service.cancel(user.id, queue_id)
+    log.info("queue %s cancelled", queue_id, extra={"queue_id": queue_id, "user": user.id})
+    return result
 
 
 @router.post(
@@ -75,7 +81,9 @@ async def retry_queue(
     queue_id: str, user: CurrentUser, service: Service, body: RetryRequest | None = None
 ) -> QueueStatus:
     """Run a finished queue's failed (and optionally cancelled) images again."""
-    return await service.retry(user.id, queue_id, bool(body and body.include_cancelled))
+    result = await service.retry(user.id, queue_id, bool(body and body.include_cancelled))
+    log.info("queue %s retried", queue_id, extra={"queue_id": queue_id, "user": user.id, "images": result.pending})
+    return result
 
 
 @router.delete(
@@ -86,6 +94,7 @@ async def retry_queue(
 async def delete_queue(queue_id: str, user: CurrentUser, service: Service) -> Response:
     """Delete a finished queue and its images now."""
     await service.delete(user.id, queue_id)
+    log.info("queue %s deleted", queue_id, extra={"queue_id": queue_id, "user": user.id})
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -215,6 +215,10 @@ class QueueStore:
         value = await self.redis.hget(queue_key(queue_id), name)
         return _s(value) if value is not None else None
 
+    async def queue_fields(self, queue_id: str, names: Sequence[str]) -> dict[str, str | None]:
+        values = await self.redis.hmget(queue_key(queue_id), list(names))
+        return {n: (_s(v) if v is not None else None) for n, v in zip(names, values, strict=True)}
+
     async def spec(self, queue_id: str) -> str | None:
         raw = await self.redis.get(queue_key(queue_id) + ":spec")
         return _s(raw) if raw is not None else None

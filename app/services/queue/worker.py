@@ -338,11 +338,12 @@ class WorkerRuntime:
         spec = self._specs.get(queue_id)
         if spec is None:
             raw = await self.store.spec(queue_id)
-            model = await self.store.queue_field(queue_id, "model")
-            if raw is None or model is None:
+            fields = await self.store.queue_fields(queue_id, ("model", "user"))
+            if raw is None or fields["model"] is None:
                 raise LookupError("queue vanished")
             spec = json.loads(raw)
-            spec["_model"] = model
+            spec["_model"] = fields["model"]
+            spec["_user"] = fields["user"]
             if len(self._specs) >= SPEC_CACHE_SIZE:
                 self._specs.pop(next(iter(self._specs)))
             self._specs[queue_id] = spec
@@ -363,6 +364,7 @@ class WorkerRuntime:
             spec = await self._spec(claim.queue_id)
             run.model = spec["_model"]
             extra["model"] = run.model
+            extra["user"] = spec["_user"]
             service = self.services.get(run.model)
             if service is None:
                 raise ProviderError(f"this worker does not serve model {run.model!r}")
