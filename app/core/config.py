@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-ProviderKind = Literal["procedural", "openai", "automatic1111"]
+ProviderKind = Literal["procedural", "openai", "automatic1111", "comfyui"]
 
 
 class Settings(BaseSettings):
@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     provider_backoff_base_seconds: float = Field(default=0.5, ge=0)
     provider_backoff_max_seconds: float = Field(default=30.0, ge=0)
     provider_max_concurrency: int = Field(default=0, ge=0)  # 0 = no global cap
+    image_provider_urls: str | None = None  # several endpoints: "[kind+]url[#max=N]", comma-separated
+    provider_failure_threshold: int = Field(default=3, ge=1)  # consecutive failures that rest an endpoint
+    provider_cooldown_seconds: float = Field(default=30.0, ge=0)  # how long it rests before a trial request
+    comfyui_workflow: str | None = None  # path of an API-format workflow JSON
+    comfyui_fields: str | None = None  # "prompt=6.inputs.text,seed=3.inputs.seed"
+    comfyui_output_node: str | None = None  # node id whose image is taken; default: the first saved image
+    comfyui_poll_seconds: float = Field(default=0.5, gt=0)  # /history polling interval
+    comfyui_prompt_timeout_seconds: float = Field(default=600.0, gt=0)  # queue wait + run time of one prompt
 
     # Limits
     max_prompt_length: int = Field(default=2000, ge=1)

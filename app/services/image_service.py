@@ -285,12 +285,23 @@ class _HttpProvider:
             message = message.replace(self.api_key, "***")
         return cls(message, **kwargs)
 
-    async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        url = self.base_url + path
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> httpx.Response:
+        """One call; timeouts, connection errors, 429 and 5xx become retryable errors, other answers return."""
+        timeout = self.timeout if timeout is None else timeout
         try:
-            response = await self.client.post(url, json=body, headers=self._headers(), timeout=self.timeout)
+            response = await self.client.request(
+                method, self.base_url + path, json=body, params=params, headers=self._headers(), timeout=timeout
+            )
         except httpx.TimeoutException as exc:
-            raise self._error(ProviderUnavailable, f"timed out after {self.timeout:g}s", retryable=True) from exc
+            raise self._error(ProviderUnavailable, f"timed out after {timeout:g}s", retryable=True) from exc
         except httpx.TransportError as exc:
             reason = str(exc) or type(exc).__name__
             raise self._error(
@@ -311,6 +322,11 @@ class _HttpProvider:
                 retryable=True,
                 retry_after=_retry_after(response.headers.get("retry-after")),
             )
+        return response
+
+    async def _post(self, path: str, body: dict[str, Any]) -> Any:
+        response = await self._request("POST", path, body=body)
+        status = response.status_code
         if status >= 400:
             raise self._error(ProviderRejected, f"{status} {_error_text(response)}")
         try:
@@ -410,4 +426,6 @@ def build_provider(
             raise ValueError(f"provider {kind!r} needs IMAGE_PROVIDER_URL (or a url in the model catalogue)")
         cls = OpenAIProvider if kind == "openai" else Automatic1111Provider
         return cls(client, url, api_key=api_key, model=model, timeout=timeout)
-    raise ValueError(f"unknown provider {kind!r}; known: procedural, openai, automatic1111")
+    if kind == "comfyui":
+        raise ValueError("provider 'comfyui' needs a workflow: build it with providers.build_model_provider")
+    raise ValueError(f"unknown provider {kind!r}; known: procedural, openai, automatic1111, comfyui")

@@ -12,7 +12,56 @@ from typing import Any
 from app.core.config import Settings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-PROVIDER_KINDS = ("procedural", "openai", "automatic1111")
+PROVIDER_KINDS = ("procedural", "openai", "automatic1111", "comfyui")
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """One address a model is served from: `[kind+]url[#max=N]`, e.g. `comfyui+http://gpu1:8188#max=2`."""
+
+    kind: str
+    url: str
+    max_concurrency: int = 0  # within one worker process; 0 = no cap
+
+
+def parse_endpoint(text: str, default_kind: str) -> EndpointSpec:
+    """`http://h:8188`, `comfyui+http://h:8188` or `http://h:8188#max=2`; no kind means the model's own."""
+    text = text.strip()
+    kind = default_kind
+    head, plus, rest = text.partition("+")
+    if plus and "://" in rest and "://" not in head:
+        if head not in PROVIDER_KINDS:
+            raise ValueError(f"endpoint {text!r}: unknown provider kind {head!r} (known: {PROVIDER_KINDS})")
+        kind, text = head, rest
+    url, _, fragment = text.partition("#")
+    cap = 0
+    for option in filter(None, fragment.split("&")):
+        key, _, value = option.partition("=")
+        if key not in ("max", "max_concurrency") or not value.isdigit():
+            raise ValueError(f"endpoint {text!r}: unknown option {option!r} (known: #max=N)")
+        cap = int(value)
+    if kind != "procedural" and "://" not in url:
+        raise ValueError(f"endpoint {url!r} is not a URL (expected http://host:port)")
+    return EndpointSpec(kind, url, cap)
+
+
+def format_endpoint(spec: EndpointSpec) -> str:
+    return f"{spec.kind}+{spec.url}" + (f"#max={spec.max_concurrency}" if spec.max_concurrency else "")
+
+
+def parse_fields(spec: str | dict[str, Any] | None) -> dict[str, str]:
+    """ComfyUI field targets: `prompt=6.inputs.text,seed=3.inputs.seed` (environment) or a TOML table."""
+    if not spec:
+        return {}
+    if isinstance(spec, dict):
+        return {str(k): str(v) for k, v in spec.items()}
+    out: dict[str, str] = {}
+    for part in filter(str.strip, spec.split(",")):
+        name, sep, path = part.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"COMFYUI_FIELDS entry {part.strip()!r} is not name=node.inputs.field")
+        out[name.strip()] = path.strip()
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,10 +78,17 @@ class ModelConfig:
     max_width: int | None = None
     max_height: int | None = None
     latency_ms: float = 0.0
+    workflow: str | None = None  # comfyui: path of the API-format workflow
+    fields: dict[str, str] = field(default_factory=dict)  # comfyui: value name -> "node.inputs.field"
+    output_node: str | None = None  # comfyui: the node whose image is taken
 
     @property
     def url(self) -> str | None:
         return self.urls[0] if self.urls else None
+
+    @property
+    def endpoints(self) -> tuple[EndpointSpec, ...]:
+        return tuple(parse_endpoint(u, self.provider) for u in self.urls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,15 +109,22 @@ def load_catalog(settings: Settings) -> Catalog:
     if path:
         return _from_file(Path(path), settings)
     name = settings.default_model
+    urls = [settings.image_provider_url] if settings.image_provider_url else []
+    urls += [u.strip() for u in (settings.image_provider_urls or "").split(",") if u.strip()]
     model = ModelConfig(
         name=_checked_name(name),
         provider=settings.image_provider,
-        urls=(settings.image_provider_url,) if settings.image_provider_url else (),
+        urls=tuple(dict.fromkeys(urls)),
         api_key=settings.image_provider_api_key,
         provider_model=settings.image_model,
         max_concurrency=settings.provider_max_concurrency,
         latency_ms=settings.procedural_latency_ms,
+        workflow=settings.comfyui_workflow,
+        fields=parse_fields(settings.comfyui_fields),
+        output_node=settings.comfyui_output_node or None,
     )
+    for url in model.urls:
+        parse_endpoint(url, model.provider)  # a malformed endpoint fails at start-up, not per image
     return Catalog({model.name: model}, model.name)
 
 
@@ -83,8 +146,12 @@ def _from_file(path: Path, settings: Settings) -> Catalog:
         provider = str(entry.get("provider", "procedural"))
         if provider not in PROVIDER_KINDS:
             raise ValueError(f"{path}: model {name!r}: unknown provider {provider!r} (known: {PROVIDER_KINDS})")
-        urls = entry.get("urls") or ([entry["url"]] if entry.get("url") else [])
+        urls = [_endpoint_entry(u, provider, f"{path}: model {name!r}") for u in
+                entry.get("urls") or ([entry["url"]] if entry.get("url") else [])]
         key_env = entry.get("api_key_env")
+        workflow = entry.get("workflow")
+        if workflow:
+            workflow = str(path.parent / workflow)  # relative to the catalogue; absolute paths stay
         models[name] = ModelConfig(
             name=name,
             provider=provider,
@@ -96,7 +163,25 @@ def _from_file(path: Path, settings: Settings) -> Catalog:
             max_width=entry.get("max_width"),
             max_height=entry.get("max_height"),
             latency_ms=float(entry.get("latency_ms", settings.procedural_latency_ms)),
+            workflow=workflow,
+            fields=parse_fields(entry.get("fields")),
+            output_node=str(entry["output_node"]) if entry.get("output_node") is not None else None,
         )
         if entry.get("default"):
             default = name
     return Catalog(models, default or next(iter(models)))
+
+
+def _endpoint_entry(entry: Any, provider: str, where: str) -> str:
+    """A `urls` item, checked: a string, or a table {url, kind?, max_concurrency?} stored as `kind+url#max=N`."""
+    try:
+        if isinstance(entry, dict):
+            spec = parse_endpoint(str(entry["url"]), str(entry.get("kind", provider)))
+            if "kind" in entry and spec.kind not in PROVIDER_KINDS:
+                raise ValueError(f"unknown provider kind {spec.kind!r} (known: {PROVIDER_KINDS})")
+            cap = int(entry.get("max_concurrency", spec.max_concurrency))
+            return format_endpoint(EndpointSpec(spec.kind, spec.url, cap))
+        parse_endpoint(str(entry), provider)
+        return str(entry)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{where}: bad url entry {entry!r}: {exc}") from exc

@@ -38,9 +38,9 @@ from app.services.image_service import (
     ImageService,
     ProviderError,
     ProviderRejected,
-    build_provider,
 )
 from app.services.models import Catalog, ModelConfig
+from app.services.providers import build_model_provider
 from app.services.queue.store import CANCEL_CHANNEL, Claim, Outcome, QueueStore, Report
 from app.services.queue.tickets import Tickets, rq_queue_name
 from app.services.queue.webhooks import WebhookDispatcher
@@ -235,15 +235,7 @@ class WorkerRuntime:
 
     def _service(self, model: ModelConfig) -> ImageService:
         s = self.settings
-        provider = build_provider(
-            model.provider,
-            client=self._http,
-            url=model.url,
-            api_key=model.api_key,
-            model=model.provider_model,
-            timeout=s.provider_timeout_seconds,
-            procedural_latency_ms=model.latency_ms,
-        )
+        provider = build_model_provider(model, client=self._http, settings=s)
         return ImageService(
             provider,
             max_retries=s.provider_max_retries,

@@ -1,0 +1,68 @@
+"""A model's provider from its catalogue entry: one endpoint, or several behind a FailoverProvider."""
+
+from __future__ import annotations
+
+import httpx
+
+from app.core.config import Settings
+from app.services.comfyui import ComfyUIProvider, Workflow
+from app.services.failover import Endpoint, FailoverProvider
+from app.services.image_service import ImageProvider, build_provider
+from app.services.models import EndpointSpec, ModelConfig
+
+
+def build_model_provider(model: ModelConfig, *, client: httpx.AsyncClient, settings: Settings) -> ImageProvider:
+    """The provider serving `model`, sharing `client`; a FailoverProvider when it has several endpoints or caps."""
+    specs = model.endpoints or (EndpointSpec(model.provider, ""),)
+    workflow: Workflow | None = None
+    if any(spec.kind == "comfyui" for spec in specs):
+        if not model.workflow:
+            raise ValueError(
+                f"model {model.name!r}: comfyui needs a workflow (COMFYUI_WORKFLOW, or workflow = in the catalogue)"
+            )
+        workflow = Workflow.load(model.workflow, model.fields)
+    endpoints = [
+        Endpoint(_one(spec, model, client, settings, workflow), _shown(spec.url), spec.max_concurrency)
+        for spec in specs
+    ]
+    if len(endpoints) == 1 and not endpoints[0].max_concurrency:
+        return endpoints[0].provider
+    return FailoverProvider(
+        endpoints,
+        failure_threshold=settings.provider_failure_threshold,
+        cooldown=settings.provider_cooldown_seconds,
+    )
+
+
+def _one(
+    spec: EndpointSpec, model: ModelConfig, client: httpx.AsyncClient, settings: Settings, workflow: Workflow | None
+) -> ImageProvider:
+    if spec.kind == "comfyui":
+        assert workflow is not None
+        if not spec.url:
+            raise ValueError(f"model {model.name!r}: comfyui needs IMAGE_PROVIDER_URL (or a url in the catalogue)")
+        return ComfyUIProvider(
+            client,
+            spec.url,
+            workflow=workflow,
+            api_key=model.api_key,
+            model=model.provider_model,
+            timeout=settings.provider_timeout_seconds,
+            output_node=model.output_node,
+            poll_seconds=settings.comfyui_poll_seconds,
+            prompt_timeout=settings.comfyui_prompt_timeout_seconds,
+        )
+    return build_provider(
+        spec.kind,
+        client=client,
+        url=spec.url or None,
+        api_key=model.api_key,
+        model=model.provider_model,
+        timeout=settings.provider_timeout_seconds,
+        procedural_latency_ms=model.latency_ms,
+    )
+
+
+def _shown(url: str) -> str:
+    """The address for messages, without credentials."""
+    return str(httpx.URL(url).copy_with(userinfo=b"")) if url else "built-in"
