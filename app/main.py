@@ -30,6 +30,14 @@ from app.services.queue.tickets import Tickets
 
 STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger("imagequeue.api")
+# The web client loads nothing from elsewhere and is never framed; it puts user text in the page only
+# as text, and this keeps a slip from becoming script.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def redis_clients(settings: Settings) -> tuple[redis.asyncio.Redis, redis.Redis]:
@@ -144,7 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         @app.get("/", include_in_schema=False)
         async def index() -> FileResponse:
-            return FileResponse(STATIC_DIR / "index.html")
+            return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -217,6 +217,40 @@ def test_active_history_and_delete(client: httpx.Client) -> None:
     assert client.get("/active-queues", headers=headers).json()["queues"] == []
 
 
+def test_history_can_carry_only_the_first_images(client: httpx.Client) -> None:
+    headers = auth(new_user())
+    qid = create(client, headers, prompts=["p"], count=12, width=64, height=64).json()["queue_id"]
+    wait_status(client, headers, qid, {"completed"})
+    (thumbs,) = client.get("/history?images_limit=4", headers=headers).json()["queues"]
+    assert [i["index"] for i in thumbs["images"]] == [0, 1, 2, 3] and thumbs["total"] == 12
+    assert all(i["url"] for i in thumbs["images"])
+    (bare,) = client.get("/history?images_limit=0", headers=headers).json()["queues"]
+    assert bare["images"] is None and bare["succeeded"] == 12
+    (full,) = client.get("/history", headers=headers).json()["queues"]
+    assert len(full["images"]) == 12
+
+
+def test_eta_follows_the_queue_own_pace(client: httpx.Client) -> None:
+    headers = auth(new_user())
+    # 24 images of 250 ms on 8 slots: three rounds, about 0.75 s in all.
+    qid = create(client, headers, prompts=["p"], count=24, width=64, height=64,
+                 params={"latency_ms": 250}).json()["queue_id"]
+    status = wait_status(client, headers, qid, {"running"}, final=False)
+    while status["succeeded"] < 8 and status["status"] == "running":
+        status = client.get(f"/queue-status/{qid}?images_limit=0", headers=headers).json()
+    assert status["status"] == "running" and status["pending"], status  # caught between rounds
+    assert status["eta_seconds"] is not None and status["eta_seconds"] < 3, status
+    wait_status(client, headers, qid, {"completed"})
+
+
+def test_web_client_page_has_a_strict_content_security_policy(client: httpx.Client) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert client.get("/static/app.js").status_code == 200
+
+
 def test_status_images_can_be_paged(client: httpx.Client) -> None:
     headers = auth(new_user())
     qid = create(client, headers, prompts=["p"], count=30, width=64, height=64).json()["queue_id"]

@@ -64,6 +64,21 @@ def test_resume_with_last_event_id_returns_exactly_the_missed_events(client: htt
     assert [e.get("id") for e in first_part + rest] == [e.get("id") for e in full]
 
 
+def test_a_new_event_source_resumes_with_last_event_id_in_the_query(client: httpx.Client) -> None:
+    """EventSource cannot set headers: a fresh one (say, after its stream token expired) resumes by query."""
+    user = new_user()
+    headers = auth(user)
+    qid = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "count": 3, "width": 64,
+                                                              "height": 64}).json()["queue_id"]
+    wait_status(client, headers, qid, {"completed"})
+    full = read_sse(client, f"/queue-events/{qid}", headers)
+    token = client.post("/stream-token", headers=headers).json()["token"]
+    rest = read_sse(client, f"/queue-events/{qid}?token={token}&last_event_id={full[1]['id']}", {})
+    assert [e.get("id") for e in full[:2] + rest] == [e.get("id") for e in full]
+    bad = client.get(f"/queue-events/{qid}?last_event_id={'9' * 80}", headers=headers)
+    assert bad.status_code == 422
+
+
 def test_live_stream_follows_a_running_queue(client: httpx.Client) -> None:
     headers = auth(new_user())
     qid = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "count": 6, "width": 64,

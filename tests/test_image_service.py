@@ -85,6 +85,20 @@ async def test_procedural_latency_and_fail_param() -> None:
     assert time.monotonic() - t0 < 0.1
     with pytest.raises(ProviderRejected, match="policy"):
         await ProceduralProvider().generate(ImageRequest("x", 1, 64, 64, params={"fail": "policy"}))
+    with pytest.raises(ProviderRejected, match="latency_ms"):
+        await ProceduralProvider().generate(ImageRequest("x", 1, 64, 64, params={"latency_ms": "slow"}))
+
+
+async def test_procedural_latency_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+
+    async def record(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr("app.services.image_service.asyncio.sleep", record)
+    await ProceduralProvider().generate(ImageRequest("x", 1, 64, 64, params={"latency_ms": 1e12}))
+    await ProceduralProvider().generate(ImageRequest("x", 1, 64, 64, params={"latency_ms": float("nan")}))
+    assert slept == [60.0]  # capped; NaN means none
 
 
 async def test_http_provider_sends_protocol_request(server: ProviderServer, http: httpx.AsyncClient) -> None:

@@ -92,6 +92,12 @@ def _after(last_event_id: str | None) -> str:
     return "0-0"
 
 
+def _resume_from(header: str | None, query: str | None) -> str | None:
+    """The Last-Event-ID header (EventSource's own reconnects), else `last_event_id` in the query (a new
+    EventSource, which cannot set headers, resuming where an earlier one stopped)."""
+    return header or query
+
+
 @router.get("/queue-events/{queue_id}", response_class=EventSourceResponse)
 async def queue_events(
     queue_id: str,
@@ -99,6 +105,7 @@ async def queue_events(
     service: Service,
     token: Annotated[str | None, Query(max_length=1024)] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
+    resume: Annotated[str | None, Query(alias="last_event_id", max_length=64)] = None,
 ) -> EventSourceResponse:
     """The queue's events from the start (or after Last-Event-ID), then live, ending with the final one."""
     user = await _user(request, token)
@@ -108,7 +115,8 @@ async def queue_events(
     if meta is None or meta.get("uk") != user_key(user.id):
         raise NotFound("queue not found")
     key = service.store.queue_events_key(queue_id)
-    return EventSourceResponse(_stream(request, key, _after(last_event_id), until_final=True), ping=PING_SECONDS)
+    after = _after(_resume_from(last_event_id, resume))
+    return EventSourceResponse(_stream(request, key, after, until_final=True), ping=PING_SECONDS)
 
 
 @router.get("/events", response_class=EventSourceResponse)
@@ -117,9 +125,11 @@ async def user_events(
     service: Service,
     token: Annotated[str | None, Query(max_length=1024)] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
+    resume: Annotated[str | None, Query(alias="last_event_id", max_length=64)] = None,
 ) -> EventSourceResponse:
     """Every event of all the user's queues, live (from Last-Event-ID when reconnecting)."""
     user = await _user(request, token)
     key = service.store.user_events_key(user_key(user.id))
-    after = _after(last_event_id) if last_event_id else "$"
+    since = _resume_from(last_event_id, resume)
+    after = _after(since) if since else "$"
     return EventSourceResponse(_stream(request, key, after, until_final=False), ping=PING_SECONDS)

@@ -113,7 +113,12 @@ async def history(
     status: Annotated[QueueState | None, Query()] = None,
     tag: Annotated[str | None, Query(max_length=64)] = None,
     search: Annotated[str | None, Query(max_length=200)] = None,
+    images_limit: Annotated[
+        int | None, Query(ge=0, description="First N images of each queue (0 = none); omitted = all")
+    ] = None,
 ) -> HistoryPage:
     """The user's finished queues within the TTL, newest first, with their images."""
-    queues, total = await service.history(user.id, limit=limit, offset=offset, status=status, tag=tag, search=search)
+    queues, total = await service.history(
+        user.id, limit=limit, offset=offset, status=status, tag=tag, search=search, images_limit=images_limit
+    )
     return HistoryPage(queues=queues, total=total)

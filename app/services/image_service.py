@@ -83,6 +83,7 @@ class RateGate(Protocol):
     async def defer(self, seconds: float) -> None: ...
 
 
+MAX_PROCEDURAL_LATENCY_MS = 60_000
 INLINE_RENDER_PIXELS = 0  # always off the loop: a busy loop stalls every other slot
 
 
@@ -115,7 +116,12 @@ class ProceduralProvider:
 
     async def generate(self, request: ImageRequest) -> GeneratedImage:
         fail = request.params.get("fail")
-        latency = float(request.params.get("latency_ms", self.latency_ms))
+        try:
+            latency = float(request.params.get("latency_ms", self.latency_ms))
+        except (TypeError, ValueError):
+            raise ProviderRejected("params.latency_ms must be a number of milliseconds") from None
+        # A demo knob, not a way to hold a worker's slot: bounded (NaN compares false, so it becomes 0).
+        latency = min(latency, MAX_PROCEDURAL_LATENCY_MS) if latency > 0 else 0.0
         if latency > 0:
             await asyncio.sleep(latency / 1000)
         if fail:

@@ -54,6 +54,21 @@ def _position(priority: str, schedule: Schedule) -> int:
     return ahead
 
 
+def _eta(meta: dict[str, str], counts: dict[str, int], position: int | None, model_rate: float) -> float | None:
+    """Seconds until the queue finishes. Once some of its images have finished, from the queue's own
+    pace (which already reflects its share of the workers); before that, from the model's recent
+    throughput and the images ahead of it."""
+    remaining = counts["pending"] + counts["running"] * 0.5
+    done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
+    started = meta.get("started_at")
+    if started and done and meta.get("attempt", "1") == "1":
+        elapsed = max(0.001, time.time() - int(started) / 1000)
+        return round(remaining * elapsed / done, 1)
+    if model_rate > 0:
+        return round(((position or 0) + remaining) / model_rate, 1)
+    return None
+
+
 def _page(total: int, offset: int, limit: int | None) -> tuple[int, int]:
     start = max(0, min(offset, total))
     return start, total if limit is None else min(total, start + max(0, limit))
@@ -339,8 +354,7 @@ class QueueService:
         eta: float | None = None
         if schedule is not None and not meta.get("finished_at"):
             position = _position(meta["priority"], schedule) if counts["pending"] else None
-            if schedule.rate > 0:
-                eta = round(((position or 0) + counts["pending"] + counts["running"] * 0.5) / schedule.rate, 1)
+            eta = _eta(meta, counts, position, schedule.rate)
         webhook = json.loads(meta["webhook"]) if meta.get("webhook") else None
         if webhook is not None and meta.get("webhook_state"):
             webhook["deliveries"] = json.loads(meta["webhook_state"])
@@ -430,6 +444,7 @@ class QueueService:
         status: QueueState | None = None,
         tag: str | None = None,
         search: str | None = None,
+        images_limit: int | None = None,
     ) -> tuple[list[QueueStatus], int]:
         uk = user_key(user_id)
         horizon = int((time.time() - self.settings.queue_ttl_seconds) * 1000)
@@ -456,7 +471,9 @@ class QueueService:
         out = []
         for qid, meta in page:
             st = await self._summary(qid, meta)
-            await self._attach_images(st, meta, await self.store.records(qid), 0, None)
+            if images_limit != 0:
+                wanted = None if images_limit is None else range(min(images_limit, st.total))
+                await self._attach_images(st, meta, await self.store.records(qid, wanted), 0, images_limit)
             out.append(st)
         return out, len(rows)
 
