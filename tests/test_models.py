@@ -130,3 +130,15 @@ def test_queue_for_an_unserved_model_waits_and_says_so(two_models: dict) -> None
     workers["both"] = start_worker(env, "--concurrency=2", name="both")
     done = wait_status(client, user, r.json()["queue_id"], {"completed"}, timeout=30)
     assert done["succeeded"] == 2 and done["warnings"] == []
+
+
+def test_the_example_catalogue_in_the_readme_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.core.config import Settings
+    from app.services.models import load_catalog
+
+    monkeypatch.setenv("MODELS_FILE", str(Path(__file__).resolve().parent.parent / "examples" / "models.toml"))
+    catalog = load_catalog(Settings(jwt_secret="s" * 32))
+    assert catalog.default == "fast" and set(catalog.models) == {"fast", "quality"}
+    assert catalog.models["fast"].urls == ("http://gpu-a:8000/v1", "http://gpu-b:8000/v1")
+    assert catalog.caps() == {"fast": 16, "quality": 2}
+    assert catalog.models["quality"].params["steps"] == 30
