@@ -12,9 +12,10 @@ import binascii
 import contextlib
 import email.utils
 import hashlib
-import io
 import random
+import struct
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -84,7 +85,9 @@ class RateGate(Protocol):
 
 
 MAX_PROCEDURAL_LATENCY_MS = 60_000
-INLINE_RENDER_PIXELS = 0  # always off the loop: a busy loop stalls every other slot
+# Renders up to this size run on the event loop. Measured: even 64x64 renders (~0.2 ms) are better
+# in the executor at 32 slots, since a burst of them on the loop delays every other slot's next claim.
+INLINE_RENDER_PIXELS = 0
 
 
 def _render(prompt: str, seed: int, width: int, height: int) -> bytes:
@@ -101,9 +104,23 @@ def _render(prompt: str, seed: int, width: int, height: int) -> bytes:
         x, y = rng.randrange(width), rng.randrange(height)
         r = rng.randrange(max(2, short // 10), max(3, short // 3))
         draw.ellipse((x - r, y - r, x + r, y + r), fill=(rng.randrange(256), rng.randrange(256), rng.randrange(256)))
-    buf = io.BytesIO()
-    img.save(buf, "PNG", compress_level=1)
-    return buf.getvalue()
+    return _png(img)
+
+
+def _png(img: Image.Image) -> bytes:
+    """An RGB image as PNG. Pillow's own PNG writer spends ~0.2 ms of fixed cost per image, which
+    dominates small images at hundreds per second; the format is simple enough to write directly:
+    signature, IHDR, one zlib-compressed IDAT of filter-0 rows, IEND."""
+    width, height = img.size
+    raw = img.tobytes()
+    stride = width * 3
+    rows = b"".join(b"\x00" + raw[y * stride : (y + 1) * stride] for y in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 1)) + chunk(b"IEND", b"")
 
 
 class ProceduralProvider:

@@ -54,6 +54,7 @@ CAP_POLL_SECONDS = 0.05
 REPORT_ATTEMPTS = 30
 WEBHOOK_POLL_SECONDS = 0.5
 REPORT_BATCH = 64
+REPORT_GRACE_SECONDS = 10.0  # on shutdown, how long finished images' reports may still take
 GATE_CHECK_SECONDS = 0.25  # how stale a worker's view of a shared back-off may be
 
 
@@ -99,6 +100,8 @@ class _Running:
     model: str
     task: asyncio.Task[None] | None = None
     reason: str | None = None  # "cancel" | "shutdown" when we stopped it
+    generating: bool = True  # False once only its report is left: the slot is free again
+    begun: bool = False  # its task has started: a task cancelled before that never runs its body
     started: float = field(default_factory=time.monotonic)
 
 
@@ -118,7 +121,8 @@ class WorkerRuntime:
         self.models = list(models)
         self.loop = _new_loop()
         self._thread = threading.Thread(target=self._run_loop, name="imagequeue-loop", daemon=True)
-        self._running: dict[tuple[str, int], _Running] = {}
+        self._running: dict[tuple[str, int], _Running] = {}  # claimed and not yet reported
+        self._generating = 0  # of those, the ones holding a generation slot
         self._specs: dict[str, dict[str, Any]] = {}
         self._slot_free: asyncio.Event | None = None
         self._stopping = False
@@ -198,6 +202,7 @@ class WorkerRuntime:
 
     @property
     def in_flight(self) -> int:
+        """Images claimed and not yet reported (generating, or only their report left)."""
         return len(self._running)
 
     # -- on the loop ----------------------------------------------------------------------------
@@ -251,12 +256,14 @@ class WorkerRuntime:
             await asyncio.sleep(0.05)
         leftovers = list(self._running.values())
         for run in leftovers:
-            run.reason = "shutdown"
-            if run.task is not None:
-                run.task.cancel()
+            # Stop generations; a finished image whose report is under way keeps going.
+            if run.generating:
+                self._stop_run(run, "shutdown")
         if leftovers:
             log.info("handing back %d unfinished image(s)", len(leftovers), extra={"worker": self.name})
-            await asyncio.gather(*(r.task for r in leftovers if r.task is not None), return_exceptions=True)
+            tasks = [r.task for r in leftovers if r.task is not None]
+            # Reports that cannot reach Redis in time are left to the leases: those images run again.
+            await asyncio.wait(tasks, timeout=REPORT_GRACE_SECONDS)
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -277,7 +284,7 @@ class WorkerRuntime:
                 if now >= deadline:
                     await self._continue_later()
                     break
-                free = self.concurrency - len(self._running)
+                free = self.concurrency - self._generating
                 if free <= 0:
                     self._slot_free.clear()
                     try:
@@ -323,7 +330,8 @@ class WorkerRuntime:
     def _start(self, claim: Claim) -> None:
         run = _Running(claim, "")
         self._running[(claim.queue_id, claim.index)] = run
-        self.metrics.in_flight.set(len(self._running))
+        self._generating += 1
+        self.metrics.in_flight.set(self._generating)
         run.task = asyncio.create_task(self._run(run))
 
     async def _spec(self, queue_id: str) -> dict[str, Any]:
@@ -352,7 +360,10 @@ class WorkerRuntime:
         }
         request: ImageRequest | None = None
         service: ImageService | None = None
+        run.begun = True
         try:
+            if run.reason is not None:  # stopped before it could start
+                raise asyncio.CancelledError
             spec = await self._spec(claim.queue_id)
             run.model = spec["_model"]
             extra["model"] = run.model
@@ -398,13 +409,19 @@ class WorkerRuntime:
             log.exception("image failed unexpectedly", extra=extra)
             error = f"internal error: {type(exc).__name__}: {exc}"
         seconds = round(time.monotonic() - run.started, 3)
-        result = await self._report(claim, outcome, error, blob, ctype)
-        self._running.pop((claim.queue_id, claim.index), None)
+        # The provider's part is over: free the slot now, so the next image starts while this
+        # one's report travels (a report waits for its batch's round trip, several ms under load).
+        run.generating = False
+        self._generating -= 1
         assert self._slot_free is not None
         self._slot_free.set()
+        self.metrics.in_flight.set(self._generating)
+        try:
+            result = await self._report(claim, outcome, error, blob, ctype)
+        finally:
+            self._running.pop((claim.queue_id, claim.index), None)
         self.images_done += 1
         self.metrics.images.labels(run.model or "?", outcome.value).inc()
-        self.metrics.in_flight.set(len(self._running))
         log.info(
             "image %s:%s %s in %.2fs",
             claim.queue_id,
@@ -557,9 +574,14 @@ class WorkerRuntime:
 
     def _cancel_queue(self, queue_id: str) -> None:
         for (qid, _), run in list(self._running.items()):
-            if qid == queue_id and run.task is not None and run.reason is None:
-                run.reason = "cancel"
-                run.task.cancel()
+            if qid == queue_id and run.reason is None and run.generating:
+                self._stop_run(run, "cancel")
+
+    @staticmethod
+    def _stop_run(run: _Running, reason: str) -> None:
+        run.reason = reason
+        if run.begun and run.task is not None:
+            run.task.cancel()
 
 
 class ImageWorker(SimpleWorker):
