@@ -30,6 +30,31 @@ def generate_one(prompt: str, seed: int, latency_ms: float) -> int:
     return len(image.data)
 
 
+def provider_alone(images: int, concurrency: int, latency_ms: float) -> float:
+    """The machine's ceiling for this provider: N concurrent generations on one event loop, no queue."""
+    from app.services.image_service import ImageRequest, ProceduralProvider
+    from app.services.queue.worker import _new_loop
+
+    provider = ProceduralProvider(latency_ms=latency_ms)
+
+    async def run() -> float:
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with slots:
+                await provider.generate(ImageRequest(prompt=f"benchmark {i}", seed=i, width=SIZE, height=SIZE))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(images)))
+        return images / (time.perf_counter() - t0)
+
+    loop = _new_loop()
+    try:
+        return loop.run_until_complete(run())
+    finally:
+        loop.close()
+
+
 def run_queue(base: str, images: int, latency_ms: float) -> float:
     headers = auth(new_user())
     with httpx.Client(base_url=base, timeout=120) as client:
@@ -80,7 +105,10 @@ def main() -> None:
         with stack(server.url, workers=1, concurrency=n) as (base, _):
             run_queue(base, min(500, args.images), lat)  # warm-up
             one = run_queue(base, args.images, lat)
+        alone = provider_alone(args.images, n, lat)
+        report("provider alone: N generations on one loop, no queue", alone, "img/s", "", ideal1, "ideal N/L")
         report("imagequeue W=1", one, "img/s", ">= 90% of ideal", ideal1, "ideal N/L")
+        report("imagequeue W=1 vs the provider alone", one, "img/s", "", alone, "provider alone")
         report("imagequeue W=1 vs plain RQ SimpleWorker", one, "img/s", "", rq_simple, "SimpleWorker")
         with stack(server.url, workers=2, concurrency=n) as (base, _):
             run_queue(base, min(500, args.images), lat)
