@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=2)
     parser.add_argument("--latency-ms", type=float, default=50)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=15)
     args = parser.parse_args()
     with private_redis() as server, stack(server.url, workers=1, concurrency=args.concurrency) as (base, _):
         with httpx.Client(base_url=base, timeout=60) as client:
