@@ -88,3 +88,19 @@ def test_worker_is_an_rq_worker_and_redeems_tickets_in_process(redis_server: Red
         assert worker.stop() == 0
         api.stop()
         connection.close()
+
+
+def test_burst_worker_drains_the_work_then_exits(redis_server: RedisServer) -> None:
+    env = service_env(fresh_redis_url(redis_server))
+    api, base = start_api(env)
+    try:
+        headers = auth(new_user())
+        with httpx.Client(base_url=base, timeout=30) as client:
+            qid = client.post("/create-queue", headers=headers, json={
+                "prompts": ["a", "b"], "count": 5, "width": 64, "height": 64}).json()["queue_id"]
+            worker = start_worker(env, "--concurrency=4", "--burst")
+            assert worker.proc.wait(60) == 0, worker.output()
+            done = client.get(f"/queue-status/{qid}", headers=headers).json()
+        assert done["status"] == "completed" and done["succeeded"] == 10, done
+    finally:
+        api.stop()
