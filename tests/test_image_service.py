@@ -121,6 +121,22 @@ async def test_http_provider_sends_protocol_request(server: ProviderServer, http
     assert sleeps.delays == [] and gate.waits == 1
 
 
+async def test_params_cannot_override_the_request_or_the_operator(server: ProviderServer,
+                                                                  http: httpx.AsyncClient) -> None:
+    svc, _, _ = service(server, http)
+    sneaky = {"n": 8, "batch_size": 8, "n_iter": 8, "size": "4096x4096", "width": 4096, "height": 4096,
+              "model": "expensive", "override_settings": {"sd_model_checkpoint": "other"}, "prompt": "else",
+              "seed": 1, "steps": 4}
+    await svc.generate(ImageRequest("a red fox", 7, 64, 48, params=sneaky, model="m-1"))
+    body = server.requests[-1]["json"]
+    assert body["prompt"] == "a red fox" and body["steps"] == 4
+    if server.kind == "openai":
+        assert (body["n"], body["size"], body["model"]) == (1, "64x48", "m-1")
+    else:
+        assert (body["batch_size"], body["n_iter"], body["width"], body["height"], body["seed"]) == (1, 1, 64, 48, 7)
+        assert body["override_settings"] == {"sd_model_checkpoint": "m-1"}
+
+
 async def test_client_error_fails_at_once_with_provider_message(server: ProviderServer,
                                                                  http: httpx.AsyncClient) -> None:
     svc, sleeps, _ = service(server, http)

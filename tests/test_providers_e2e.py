@@ -61,6 +61,10 @@ def test_batch_through_real_provider_protocol(provider_stack: tuple) -> None:
     assert all(r["headers"]["authorization"] == "Bearer sk-e2e" for r in server.requests)
     if server.kind == "automatic1111":
         assert sorted(r["json"]["seed"] for r in server.requests) == [10, 11, 12, 13]
+    reserved = "n" if server.kind == "openai" else "batch_size"
+    refused = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "params": {reserved: 8}})
+    assert refused.status_code == 422 and reserved in refused.json()["detail"][0]["msg"]
+    assert refused.json()["detail"][0]["loc"] == ["body", "params"]
 
 
 @pytest.mark.parametrize("provider_stack", [("openai", 1, {"PROVIDER_MAX_RETRIES": 2})], indirect=True)

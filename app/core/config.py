@@ -73,8 +73,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_048_576, ge=1024)
     max_tags: int = Field(default=20, ge=0)
     max_generate_wait_seconds: float = Field(default=300.0, ge=0)
-    max_pending_images_per_user: int = Field(default=0, ge=0)  # 0 = unlimited
-    max_active_queues_per_user: int = Field(default=0, ge=0)  # 0 = unlimited
+    max_pending_images_per_user: int = Field(default=100_000, ge=0)  # 0 = unlimited
+    max_active_queues_per_user: int = Field(default=200, ge=0)  # 0 = unlimited
 
     # Worker
     worker_concurrency: int = Field(default=8, ge=1)

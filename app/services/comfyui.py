@@ -33,6 +33,7 @@ from app.services.image_service import (
     _content_type,
     _error_text,
     _HttpProvider,
+    provider_params,
 )
 
 _PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -250,7 +251,8 @@ class ComfyUIProvider(_HttpProvider):
 
     # -- steps ------------------------------------------------------------------------------------
     def _values(self, request: ImageRequest) -> dict[str, Any]:
-        values: dict[str, Any] = {k: v for k, v in request.params.items() if isinstance(v, str | int | float | bool)}
+        allowed = provider_params(request.params, "comfyui")
+        values: dict[str, Any] = {k: v for k, v in allowed.items() if isinstance(v, str | int | float | bool)}
         values.update(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt or "",

@@ -85,6 +85,18 @@ class RateGate(Protocol):
 
 
 MAX_PROCEDURAL_LATENCY_MS = 60_000
+# Request fields a user's `params` may not set: they are the request's own (prompt, seed, size) or
+# the operator's (model, how many images one request makes, server-side scripts and settings).
+# The API refuses them with a 422; providers also apply them last, so they hold regardless.
+RESERVED_PARAMS: dict[str, frozenset[str]] = {
+    "procedural": frozenset(),
+    "openai": frozenset({"prompt", "n", "size", "response_format", "model", "user"}),
+    "automatic1111": frozenset({
+        "prompt", "negative_prompt", "seed", "width", "height", "batch_size", "n_iter", "override_settings",
+        "override_settings_restore_afterwards", "script_name", "script_args", "send_images", "save_images",
+    }),
+    "comfyui": frozenset({"prompt", "negative_prompt", "seed", "width", "height", "model"}),
+}
 # Renders up to this size run on the event loop. Measured: even 64x64 renders (~0.2 ms) are better
 # in the executor at 32 slots, since a burst of them on the loop delays every other slot's next claim.
 INLINE_RENDER_PIXELS = 0
@@ -223,6 +235,12 @@ class ImageService:
 
 
 _IMAGE_MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"RIFF", "image/webp"))
+
+
+def provider_params(params: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """A request's params less the fields reserved for the request and the operator."""
+    reserved = RESERVED_PARAMS[kind]
+    return {k: v for k, v in params.items() if k not in reserved}
 
 
 def _content_type(data: bytes) -> str:
@@ -380,15 +398,10 @@ class OpenAIProvider(_HttpProvider):
     name = "openai"
 
     async def generate(self, request: ImageRequest) -> GeneratedImage:
-        body: dict[str, Any] = {
-            "prompt": request.prompt,
-            "n": 1,
-            "size": f"{request.width}x{request.height}",
-            "response_format": "b64_json",
-        }
+        body: dict[str, Any] = provider_params(request.params, "openai")
+        body.update(prompt=request.prompt, n=1, size=f"{request.width}x{request.height}", response_format="b64_json")
         if request.model or self.model:
             body["model"] = request.model or self.model
-        body.update(request.params)
         answer = await self._post("/images/generations", body)
         data = answer.get("data") if isinstance(answer, dict) else None
         first = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
@@ -407,19 +420,19 @@ class Automatic1111Provider(_HttpProvider):
         self.supports_interrupt = interrupt_on_cancel
 
     async def generate(self, request: ImageRequest) -> GeneratedImage:
-        body: dict[str, Any] = {
-            "prompt": request.prompt,
-            "negative_prompt": request.negative_prompt or "",
-            "seed": request.seed,
-            "width": request.width,
-            "height": request.height,
-            "batch_size": 1,
-            "n_iter": 1,
-        }
+        body: dict[str, Any] = provider_params(request.params, "automatic1111")
+        body.update(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or "",
+            seed=request.seed,
+            width=request.width,
+            height=request.height,
+            batch_size=1,
+            n_iter=1,
+        )
         model = request.model or self.model
         if model:
             body["override_settings"] = {"sd_model_checkpoint": model}
-        body.update(request.params)
         answer = await self._post("/sdapi/v1/txt2img", body)
         images = answer.get("images") if isinstance(answer, dict) else None
         return await self._image(images[0] if isinstance(images, list) and images else None)

@@ -24,6 +24,7 @@ from app.models.queue import (
     Priority,
     QueueStatus,
 )
+from app.services.image_service import RESERVED_PARAMS
 from app.services.models import Catalog
 from app.services.queue.store import PRIORITIES, ImageStatus, QueueState, QueueStore, Schedule, user_key
 from app.services.queue.tickets import Tickets
@@ -150,6 +151,14 @@ class QueueService:
         if model is None:
             known = ", ".join(sorted(self.catalog.models))
             raise Unprocessable(f"unknown model {model_name!r}; known models: {known}", ("body", "model"))
+        kinds = {model.provider, *(e.kind for e in model.endpoints)}
+        reserved = sorted(k for k in params if any(k in RESERVED_PARAMS.get(kind, ()) for kind in kinds))
+        if reserved:
+            raise Unprocessable(
+                f"params may not set {', '.join(reserved)}: use the request's own fields (prompt, seed, width, "
+                "height, negative_prompt, model); the rest is fixed by the server",
+                ("body", "params"),
+            )
         max_w = model.max_width or s.max_width
         max_h = model.max_height or s.max_height
         if width > max_w:
