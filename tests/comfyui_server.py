@@ -20,32 +20,25 @@ servers before mid-2025, which ignore prompt_id and stop whatever is running.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Iterable
 from typing import Any
 
-import uvicorn
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.provider_servers import png
-from tests.utils import free_port, wait_until
+from tests.provider_servers import ScriptedServer, png
 
 SLOW_SECONDS = 60.0
 
 
-class ComfyUIServer:
+class ComfyUIServer(ScriptedServer):
     def __init__(self, *, run_seconds: float = 0.05, slots: int = 1, legacy_interrupt: bool = False) -> None:
         self.run_seconds = run_seconds
         self.slots = slots
         self.legacy_interrupt = legacy_interrupt
         self.fail_all = False
-        self.port = free_port()
         self.prompts: dict[str, dict[str, Any]] = {}
         self.posted: list[dict[str, Any]] = []
         self.deleted: list[str] = []
@@ -54,45 +47,18 @@ class ComfyUIServer:
         self.files: dict[str, bytes] = {}
         self._order: list[str] = []  # queued prompt ids, oldest first
         self._number = 0
-        self._script: deque[str] = deque()
-        self._lock = threading.Lock()
-        routes = [
+        super().__init__([
             Route("/prompt", self._post_prompt, methods=["POST"]),
             Route("/history/{prompt_id}", self._history, methods=["GET"]),
             Route("/view", self._view, methods=["GET"]),
             Route("/queue", self._get_queue, methods=["GET"]),
             Route("/queue", self._post_queue, methods=["POST"]),
             Route("/interrupt", self._interrupt, methods=["POST"]),
-        ]
-        config = uvicorn.Config(Starlette(routes=routes), host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        ], "ComfyUI test server")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def script(self, *steps: str | Iterable[str]) -> None:
-        with self._lock:
-            for step in steps:
-                self._script.extend([step] if isinstance(step, str) else step)
-
-    def start(self) -> ComfyUIServer:
-        self._thread.start()
-        wait_until(lambda: self._server.started, 10, what="ComfyUI test server")
-        return self
-
-    def stop(self) -> None:
-        self._server.should_exit = True
-        self._server.force_exit = True
-        self._thread.join(10)
-
-    def __enter__(self) -> ComfyUIServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def state(self, prompt_id: str) -> str | None:
         with self._lock:

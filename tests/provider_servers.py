@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Self
 
 import uvicorn
 from PIL import Image
@@ -43,31 +43,18 @@ def png(width: int, height: int, colour: tuple[int, int, int] = (200, 80, 40)) -
     return buf.getvalue()
 
 
-class ProviderServer:
-    def __init__(self, kind: str, *, latency: float = 0.0, api_key: str | None = None) -> None:
-        assert kind in ("openai", "automatic1111")
-        self.kind = kind
-        self.latency = latency
-        self.api_key = api_key
+class ScriptedServer:
+    """A Starlette app served by uvicorn on a thread, on a free port, with a script of answers."""
+
+    def __init__(self, routes: list[Route], what: str) -> None:
         self.port = free_port()
-        self.requests: list[dict[str, Any]] = []
-        self.interrupts = 0
-        self.in_flight = 0
-        self.max_in_flight = 0
+        self.what = what
         self._script: deque[str] = deque()
         self._lock = threading.Lock()
-        routes = [Route("/v1/images/generations", self._openai, methods=["POST"]),
-                  Route("/sdapi/v1/txt2img", self._a1111, methods=["POST"]),
-                  Route("/sdapi/v1/interrupt", self._interrupt, methods=["POST"])]
         config = uvicorn.Config(Starlette(routes=routes), host="127.0.0.1", port=self.port, log_level="warning",
                                 lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        root = f"http://127.0.0.1:{self.port}"
-        return root + "/v1" if self.kind == "openai" else root
 
     def script(self, *steps: str | Iterable[str]) -> None:
         """Queue the next answers, in order; ok once they are used up."""
@@ -75,9 +62,9 @@ class ProviderServer:
             for step in steps:
                 self._script.extend([step] if isinstance(step, str) else step)
 
-    def start(self) -> ProviderServer:
+    def start(self) -> Self:
         self._thread.start()
-        wait_until(lambda: self._server.started, 10, what="provider test server")
+        wait_until(lambda: self._server.started, 10, what=self.what)
         return self
 
     def stop(self) -> None:
@@ -85,11 +72,31 @@ class ProviderServer:
         self._server.force_exit = True  # do not wait for "hang" requests
         self._thread.join(10)
 
-    def __enter__(self) -> ProviderServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ProviderServer(ScriptedServer):
+    def __init__(self, kind: str, *, latency: float = 0.0, api_key: str | None = None) -> None:
+        assert kind in ("openai", "automatic1111")
+        self.kind = kind
+        self.latency = latency
+        self.api_key = api_key
+        self.requests: list[dict[str, Any]] = []
+        self.interrupts = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        super().__init__([Route("/v1/images/generations", self._openai, methods=["POST"]),
+                          Route("/sdapi/v1/txt2img", self._a1111, methods=["POST"]),
+                          Route("/sdapi/v1/interrupt", self._interrupt, methods=["POST"])], "provider test server")
+
+    @property
+    def url(self) -> str:
+        root = f"http://127.0.0.1:{self.port}"
+        return root + "/v1" if self.kind == "openai" else root
 
     def _next(self) -> str:
         with self._lock:
