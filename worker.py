@@ -85,12 +85,20 @@ def main(argv: list[str] | None = None) -> int:
         extra={"worker": name},
     )
     grace = args.grace
+
+    def stop(signum: int, _frame: object) -> None:
+        runtime.request_stop()  # until RQ's worker runs and installs its own handlers (which do the same)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
-        while True:
-            worker = ImageWorker(
-                queues, connection=connection, name=name, runtime=runtime, worker_ttl=RQ_WORKER_TTL_SECONDS
-            )
+        while not runtime.stopping:
             try:
+                # RQ's Worker talks to Redis as it is built: inside the try, so a worker started
+                # before Redis (or during an outage) waits for it instead of exiting.
+                worker = ImageWorker(
+                    queues, connection=connection, name=name, runtime=runtime, worker_ttl=RQ_WORKER_TTL_SECONDS
+                )
                 connection.delete(worker.key)  # a previous run of ours that died with Redis
                 worker.work(burst=args.burst, logging_level="WARNING")
             except redis.RedisError as exc:

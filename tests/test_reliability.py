@@ -167,6 +167,8 @@ def test_redis_restart_api_503_then_queue_finishes(tmp_path: Path) -> None:
             assert answered_in < 5, answered_in
             assert client.get("/health").status_code == 503
             assert client.post("/create-queue", headers=headers, json={"prompts": ["x"]}).status_code == 503
+            for stream in ("/events", f"/queue-events/{qid}"):  # refused before the stream starts
+                assert client.get(stream, headers=headers, timeout=5).status_code == 503
             time.sleep(2)
             server.start()
             wait_until(lambda: client.get("/health").status_code == 200, 20, what="API to recover")
@@ -179,4 +181,32 @@ def test_redis_restart_api_503_then_queue_finishes(tmp_path: Path) -> None:
     finally:
         worker.stop()
         api.stop()
+        server.stop()
+
+
+def test_worker_started_before_redis_waits_for_it_and_stops_cleanly(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")  # its port is chosen, nothing listens yet
+    env = service_env(server.url)
+    early = start_worker(env, "--concurrency=2", name="early")
+    idle = start_worker(env, "--concurrency=2", name="idle")
+    try:
+        time.sleep(2)
+        assert early.proc.poll() is None and idle.proc.poll() is None, early.output()
+        idle.signal(signal.SIGTERM)  # a stop while Redis is still away is still a clean stop
+        assert idle.proc.wait(15) == 0, idle.output()
+        server.start()
+        api, base = start_api(env)
+        try:
+            headers = auth(new_user())
+            with httpx.Client(base_url=base, timeout=30) as client:
+                wait_until(lambda: client.get("/health").json()["workers"] == 1, 30, what="the early worker")
+                qid = client.post("/create-queue", headers=headers, json={
+                    "prompts": ["p"], "count": 4, "width": 64, "height": 64}).json()["queue_id"]
+                assert wait_status(client, headers, qid, {"completed"})["succeeded"] == 4
+        finally:
+            api.stop()
+        assert early.stop() == 0
+    finally:
+        early.kill()
+        idle.kill()
         server.stop()

@@ -68,9 +68,6 @@ def _decorate(request: Request, data: dict[str, Any]) -> dict[str, Any]:
 async def _stream(request: Request, key: str, after: str, *, until_final: bool) -> AsyncIterator[ServerSentEvent]:
     redis = request.app.state.redis
     last = after
-    if last == "$":
-        newest = await redis.xrevrange(key, count=1)
-        last = newest[0][0].decode() if newest else "0-0"
     while True:
         if await request.is_disconnected():
             return
@@ -131,5 +128,9 @@ async def user_events(
     user = await _user(request, token)
     key = service.store.user_events_key(user_key(user.id))
     since = _resume_from(last_event_id, resume)
-    after = _after(since) if since else "$"
+    if since:
+        after = _after(since)
+    else:
+        # From now on: resolved here, before the response starts, so an unreachable Redis is a 503.
+        after = await service.store.newest_event_id(key)
     return EventSourceResponse(_stream(request, key, after, until_final=False), ping=PING_SECONDS)

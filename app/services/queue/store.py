@@ -461,6 +461,11 @@ class QueueStore:
     def user_events_key(self, uk: str) -> str:
         return _user(uk, "ev")
 
+    async def newest_event_id(self, key: str) -> str:
+        """The id of a stream's newest entry ("0-0" when empty): where "from now on" starts."""
+        newest: Any = await self.redis.xrevrange(key, count=1)
+        return _s(newest[0][0]) if newest else "0-0"
+
 
 @dataclass(frozen=True, slots=True)
 class Schedule:
