@@ -107,6 +107,10 @@ class _TooLarge(Exception):
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    try:
+        settings.check_auth()
+    except ValueError as exc:
+        raise SystemExit(f"imagequeue: {exc}") from None
     configure_logging(settings.log_level, "api")
     catalog = load_catalog(settings)
 

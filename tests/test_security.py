@@ -6,7 +6,11 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +21,8 @@ from jose import jwt
 from app.core.config import Settings
 from app.core.errors import Unauthorized
 from app.core.security import check_image_signature, sign_image, verify_stream_token, verify_token
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _pems(private: Any) -> tuple[str, str]:
@@ -74,14 +80,27 @@ def test_audience_and_issuer_are_checked_when_configured() -> None:
 
 
 def test_settings_refuse_unsafe_auth_configuration() -> None:
-    with pytest.raises(ValueError, match="JWT_SECRET is required"):
-        Settings(_env_file=None, jwt_secret=None)
-    with pytest.raises(ValueError, match="at least 16"):
-        Settings(_env_file=None, jwt_secret="short")
-    with pytest.raises(ValueError, match="none"):
-        Settings(_env_file=None, jwt_secret="s" * 32, jwt_algorithms="HS256,none")
-    with pytest.raises(ValueError, match="JWT_PUBLIC_KEY"):
-        Settings(_env_file=None, jwt_algorithms="RS256", url_signing_secret="u" * 32)
+    unsafe = {
+        "JWT_SECRET is required": Settings(_env_file=None, jwt_secret=None),
+        "at least 16": Settings(_env_file=None, jwt_secret="short"),
+        "none": Settings(_env_file=None, jwt_secret="s" * 32, jwt_algorithms="HS256,none"),
+        "JWT_PUBLIC_KEY": Settings(_env_file=None, jwt_algorithms="RS256", url_signing_secret="u" * 32),
+    }
+    for message, settings in unsafe.items():
+        with pytest.raises(ValueError, match=message):
+            settings.check_auth()
+    with pytest.raises(ValueError, match="sign URLs"):
+        _ = Settings(_env_file=None, jwt_secret=None).signing_key
+
+
+def test_api_refuses_to_start_without_a_secret_and_workers_need_none(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JWT_", "URL_SIGNING"))}
+    api = subprocess.run([sys.executable, "-c", "from app.main import create_app; create_app()"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert api.returncode != 0 and "JWT_SECRET is required" in api.stderr, api.stderr
+    worker = subprocess.run([sys.executable, "worker.py", "--help"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert worker.returncode == 0 and "--concurrency" in worker.stdout, worker.stderr
 
 
 def test_signed_urls_and_stream_tokens_are_bound_and_expire() -> None:

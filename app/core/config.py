@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ProviderKind = Literal["procedural", "openai", "automatic1111", "comfyui"]
@@ -33,7 +33,6 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     url_signing_secret: str | None = None
     image_url_ttl_seconds: int = Field(default=3600, ge=60)
-    dev_mode: bool = False
 
     # Queue lifetime
     queue_ttl_seconds: int = Field(default=86_400, ge=60)
@@ -92,22 +91,22 @@ class Settings(BaseSettings):
 
     # Ops
     log_level: str = "INFO"
-    log_prompts: bool = False
+    log_prompts: bool = False  # put prompts on the workers' per-image log lines
 
-    @model_validator(mode="after")
-    def _check_auth(self) -> Settings:
+    def check_auth(self) -> None:
+        """Refuses an unsafe token configuration (ValueError). The API checks it at start; workers,
+        which never see a token, run without these secrets."""
         algs = self.algorithms
+        if "none" in [a.lower() for a in algs]:
+            raise ValueError("JWT_ALGORITHMS may not contain 'none'")
         if any(a.startswith("HS") for a in algs) and not self.jwt_secret:
             raise ValueError("JWT_SECRET is required for HS* algorithms (the run command generates one for local use)")
         if any(not a.startswith("HS") for a in algs) and not self.jwt_public_key:
             raise ValueError("JWT_PUBLIC_KEY is required for RS*/ES*/PS* algorithms")
-        if "none" in [a.lower() for a in algs]:
-            raise ValueError("JWT_ALGORITHMS may not contain 'none'")
-        if self.jwt_secret is not None and len(self.jwt_secret) < 16 and not self.dev_mode:
+        if self.jwt_secret is not None and len(self.jwt_secret) < 16:
             raise ValueError("JWT_SECRET must be at least 16 characters")
         if self.url_signing_secret is None and self.jwt_secret is None:
             raise ValueError("URL_SIGNING_SECRET is required when JWT_SECRET is not set")
-        return self
 
     @property
     def algorithms(self) -> list[str]:
@@ -125,8 +124,11 @@ class Settings(BaseSettings):
 
     @property
     def signing_key(self) -> bytes:
-        secret = self.url_signing_secret or f"image-url:{self.jwt_secret}"
-        return secret.encode()
+        if self.url_signing_secret:
+            return self.url_signing_secret.encode()
+        if not self.jwt_secret:
+            raise ValueError("URL_SIGNING_SECRET or JWT_SECRET is required to sign URLs")
+        return f"image-url:{self.jwt_secret}".encode()
 
 
 @lru_cache

@@ -388,6 +388,8 @@ class WorkerRuntime:
                 model=self.catalog.models[run.model].provider_model,
                 request_id=f"{claim.queue_id}:{claim.index}",
             )
+            if self.settings.log_prompts:
+                extra["prompt"] = request.prompt
             try:
                 image = await service.generate(request)
             except ProviderError as exc:
