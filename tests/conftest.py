@@ -15,6 +15,17 @@ from tests.utils import DATABASES, Proc, RedisServer, service_env, start_api, st
 _db_numbers = itertools.count(1)
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_processes() -> Iterator[None]:
+    """Processes a test started and did not stop (say, because an assertion failed first) are killed,
+    so they never outlive their test or the Redis they talk to."""
+    before = set(map(id, Proc.live))
+    yield
+    for proc in [p for p in Proc.live if id(p) not in before]:
+        proc.kill()
+    Proc.live[:] = [p for p in Proc.live if p.proc.poll() is None]
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """Our own server on a free port: tests never touch a Redis they did not start."""

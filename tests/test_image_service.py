@@ -98,7 +98,7 @@ async def test_procedural_latency_is_bounded(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr("app.services.image_service.asyncio.sleep", record)
     await ProceduralProvider().generate(ImageRequest("x", 1, 64, 64, params={"latency_ms": 1e12}))
     await ProceduralProvider().generate(ImageRequest("x", 1, 64, 64, params={"latency_ms": float("nan")}))
-    assert slept == [60.0]  # capped; NaN means none
+    assert len(slept) == 1 and 59.5 < slept[0] <= 60.0, slept  # capped (less the render); NaN means none
 
 
 async def test_http_provider_sends_protocol_request(server: ProviderServer, http: httpx.AsyncClient) -> None:

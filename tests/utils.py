@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 from jose import jwt
@@ -126,11 +126,14 @@ def service_env(redis_url: str, **overrides: Any) -> dict[str, str]:
 class Proc:
     """A child process whose output goes to a log file under test-artifacts/logs."""
 
+    live: ClassVar[list[Proc]] = []  # every one started; conftest kills what a test left running
+
     def __init__(self, args: list[str], env: dict[str, str], name: str) -> None:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"{name}-{uuid.uuid4().hex[:6]}.log"
         with self.log_path.open("wb") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        Proc.live.append(self)
 
     def signal(self, sig: int) -> None:
         if self.proc.poll() is None:

@@ -136,7 +136,8 @@ def _png(img: Image.Image) -> bytes:
 
 
 class ProceduralProvider:
-    """Built in, no network: a deterministic PNG from prompt + seed + size."""
+    """Built in, no network: a deterministic PNG from prompt + seed + size. With a simulated latency,
+    a call takes that long in all, rendering included, as a model server's answer would."""
 
     name = "procedural"
 
@@ -151,9 +152,9 @@ class ProceduralProvider:
             raise ProviderRejected("params.latency_ms must be a number of milliseconds") from None
         # A demo knob, not a way to hold a worker's slot: bounded (NaN compares false, so it becomes 0).
         latency = min(latency, MAX_PROCEDURAL_LATENCY_MS) if latency > 0 else 0.0
-        if latency > 0:
-            await asyncio.sleep(latency / 1000)
+        started = time.monotonic()
         if fail:
+            await asyncio.sleep(latency / 1000)
             raise ProviderRejected(str(fail))
         if request.width * request.height <= INLINE_RENDER_PIXELS:
             data = _render(request.prompt, request.seed, request.width, request.height)
@@ -161,6 +162,9 @@ class ProceduralProvider:
             data = await asyncio.get_running_loop().run_in_executor(
                 None, _render, request.prompt, request.seed, request.width, request.height
             )
+        remaining = latency / 1000 - (time.monotonic() - started)
+        if remaining > 0:
+            await asyncio.sleep(remaining)
         return GeneratedImage(data)
 
     async def interrupt(self, request: ImageRequest) -> None:

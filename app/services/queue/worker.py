@@ -108,6 +108,7 @@ class _Running:
     reason: str | None = None  # "cancel" | "shutdown" when we stopped it
     generating: bool = True  # False once only its report is left: the slot is free again
     begun: bool = False  # its task has started: a task cancelled before that never runs its body
+    stopped: bool = False  # its generation has been stopped; what is left is the report
     started: float = field(default_factory=time.monotonic)
 
 
@@ -371,6 +372,10 @@ class WorkerRuntime:
             if run.reason is not None:  # stopped before it could start
                 raise asyncio.CancelledError
             spec = await self._spec(claim.queue_id)
+            if run.reason is not None:
+                # Stopped while the spec was read: a cancel arriving as a Redis reply completes can
+                # be lost inside the client (Python 3.11's wait_for), so the flag is checked too.
+                raise asyncio.CancelledError
             run.model = spec["_model"]
             extra["model"] = run.model
             extra["user"] = spec["_user"]
@@ -399,6 +404,7 @@ class WorkerRuntime:
             await self._note_provider(run.model, True)
             outcome, blob, ctype = Outcome.SUCCEEDED, image.data, image.content_type
         except asyncio.CancelledError:
+            run.stopped = True  # from here on no further cancel may cut the report short
             outcome = Outcome.REQUEUE if run.reason == "shutdown" else Outcome.CANCELLED
             if service is not None and request is not None and run.reason == "cancel":
                 try:
@@ -582,11 +588,15 @@ class WorkerRuntime:
 
     def _cancel_queue(self, queue_id: str) -> None:
         for (qid, _), run in list(self._running.items()):
-            if qid == queue_id and run.reason is None and run.generating:
+            # A run already told to stop is told again: a cancel can be lost inside a library call
+            # (see _run), and the poll comes back every WORKER_CANCEL_POLL_SECONDS.
+            if qid == queue_id and run.reason in (None, "cancel") and run.generating:
                 self._stop_run(run, "cancel")
 
     @staticmethod
     def _stop_run(run: _Running, reason: str) -> None:
+        if run.stopped:
+            return
         run.reason = reason
         if run.begun and run.task is not None:
             run.task.cancel()
