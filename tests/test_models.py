@@ -132,6 +132,22 @@ def test_queue_for_an_unserved_model_waits_and_says_so(two_models: dict) -> None
     assert done["succeeded"] == 2 and done["warnings"] == []
 
 
+def test_a_worker_serving_both_shares_each_model_within_its_cap(two_models: dict) -> None:
+    client, workers, env, slow = two_models["client"], two_models["workers"], two_models["env"], two_models["slow"]
+    workers["both"] = start_worker(env, "--concurrency=4", name="both")
+    wait_until(lambda: client.get("/health").json()["models"]["slow"]["workers"] == 2, 20, what="both workers")
+    user = auth(new_user())
+    fast_q = client.post("/create-queue", headers=user, json={"prompts": ["f"], "count": 12, "width": 64,
+                                                              "height": 64}).json()["queue_id"]
+    slow_q = client.post("/create-queue", headers=user, json={"prompts": ["s"], "count": 10, "width": 64,
+                                                              "height": 64, "model": "slow"}).json()["queue_id"]
+    assert wait_status(client, user, slow_q, {"completed"}, timeout=60)["succeeded"] == 10
+    assert wait_status(client, user, fast_q, {"completed"}, timeout=60)["succeeded"] == 12
+    assert owners(two_models["url"], slow_q) <= {"only-slow", "both"}
+    assert owners(two_models["url"], fast_q) <= {"only-fast", "both"}
+    assert slow.max_in_flight <= 2  # the model's cap holds across the two workers serving it (8 slots)
+
+
 def test_the_example_catalogue_in_the_readme_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     from app.core.config import Settings
     from app.services.models import load_catalog
