@@ -274,6 +274,21 @@ def test_idempotency_key_replays_same_queue(client: httpx.Client) -> None:
     other_user = create(client, {**auth(new_user()), "Idempotency-Key": "abc-123"}, prompts=["x"], width=64,
                         height=64)
     assert other_user.json()["queue_id"] != first.json()["queue_id"]
+    # Once its queue is deleted the key names nothing: the same request makes a new queue.
+    wait_status(client, headers, first.json()["queue_id"], {"completed"})
+    assert client.delete(f"/queue/{first.json()['queue_id']}", headers=headers).status_code == 204
+    fresh = create(client, headers, prompts=["x"], width=64, height=64)
+    assert fresh.status_code == 201 and fresh.json()["queue_id"] != first.json()["queue_id"]
+    assert "idempotent-replayed" not in fresh.headers
+    assert create(client, headers, prompts=["x"], width=64, height=64).json()["queue_id"] == fresh.json()["queue_id"]
+
+
+def test_numbers_must_be_numbers(client: httpx.Client) -> None:
+    headers = auth(new_user())
+    for body in ({"prompts": ["x"], "seed": False}, {"prompts": ["x"], "count": "2"}, {"prompts": ["x"], "width": 1.5}):
+        r = create(client, headers, **body)
+        assert r.status_code == 422, (body, r.text)
+    assert client.post("/generate", headers=headers, json={"prompt": "x", "seed": True}).status_code == 422
 
 
 def test_generate_returns_image_or_202(client: httpx.Client) -> None:

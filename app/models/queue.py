@@ -41,10 +41,10 @@ class CreateQueueRequest(BaseModel):
     prompts: list[str] | None = Field(default=None, description="Prompts, one image set each")
     prompt: str | None = Field(default=None, description="Template with {name} placeholders")
     variables: dict[str, list[str]] | None = Field(default=None, description="Values per placeholder")
-    count: int = Field(default=1, ge=1, description="Images per prompt")
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Image i gets seed + i")
-    width: int = Field(default=1024, ge=64)
-    height: int = Field(default=1024, ge=64)
+    count: int = Field(default=1, ge=1, strict=True, description="Images per prompt")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True, description="Image i gets seed + i")
+    width: int = Field(default=1024, ge=64, strict=True)
+    height: int = Field(default=1024, ge=64, strict=True)
     negative_prompt: str | None = None
     params: dict[str, Any] = Field(default_factory=dict, description="Passed through to the provider")
     priority: Priority = Priority.NORMAL
@@ -73,9 +73,9 @@ class GenerateRequest(BaseModel):
     )
 
     prompt: str
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    width: int = Field(default=1024, ge=64)
-    height: int = Field(default=1024, ge=64)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True)
+    width: int = Field(default=1024, ge=64, strict=True)
+    height: int = Field(default=1024, ge=64, strict=True)
     negative_prompt: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     model: str | None = None

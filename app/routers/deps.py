@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from pydantic import BaseModel
 
 from app.core.config import Settings
 from app.services.queue.queue_service import QueueService
@@ -22,3 +23,22 @@ async def get_settings_dep(request: Request) -> Settings:
 
 Service = Annotated[QueueService, Depends(get_service)]
 AppSettings = Annotated[Settings, Depends(get_settings_dep)]
+
+
+class ErrorDetail(BaseModel):
+    """An error answer: what went wrong, in words."""
+
+    detail: str
+
+
+# Answers every authenticated route can give besides its own; documented once, for OpenAPI.
+COMMON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorDetail, "description": "A request body that is not JSON (or not UTF-8)"},
+    401: {"model": ErrorDetail, "description": "Missing, malformed, expired or wrongly signed token "
+          "(with `WWW-Authenticate: Bearer`)"},
+    503: {"model": ErrorDetail, "description": "The queue store (Redis) is unreachable; retry after `Retry-After`"},
+}
+CREATE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorDetail, "description": "Request body larger than MAX_BODY_BYTES"},
+    429: {"model": ErrorDetail, "description": "Past the user's admission limits; retry after `Retry-After`"},
+}

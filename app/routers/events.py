@@ -21,11 +21,11 @@ from app.core.security import (
     user_from_credentials,
     verify_stream_token,
 )
-from app.routers.deps import AppSettings, Service
+from app.routers.deps import COMMON_RESPONSES, AppSettings, Service
 from app.services.queue.queue_service import valid_queue_id
 from app.services.queue.store import user_key
 
-router = APIRouter(tags=["events"])
+router = APIRouter(tags=["events"], responses=COMMON_RESPONSES)
 
 BLOCK_MS = 1000
 PING_SECONDS = 15

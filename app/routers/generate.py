@@ -9,15 +9,18 @@ from fastapi.responses import JSONResponse
 
 from app.core.security import CurrentUser
 from app.models.queue import GenerateRequest, GenerateResult, QueueStatus
-from app.routers.deps import AppSettings, Service
+from app.routers.deps import COMMON_RESPONSES, CREATE_RESPONSES, AppSettings, Service
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], responses=COMMON_RESPONSES)
 
 
 @router.post(
     "/generate",
     response_model=GenerateResult,
-    responses={202: {"model": QueueStatus, "description": "Not done within `wait`: poll the queue"}},
+    responses={
+        202: {"model": QueueStatus, "description": "Not done within `wait`: poll the queue"},
+        **CREATE_RESPONSES,
+    },
 )
 async def generate(
     body: GenerateRequest,

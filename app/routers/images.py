@@ -8,10 +8,10 @@ from fastapi import APIRouter, Query, Request, Response
 
 from app.core.errors import NotFound
 from app.core.security import bearer_scheme, check_image_signature, user_from_credentials
-from app.routers.deps import AppSettings, Service
+from app.routers.deps import COMMON_RESPONSES, AppSettings, Service
 from app.services.queue.store import user_key
 
-router = APIRouter(tags=["images"])
+router = APIRouter(tags=["images"], responses=COMMON_RESPONSES)
 
 
 @router.get(

@@ -7,9 +7,9 @@ from typing import Any
 from fastapi import APIRouter
 
 from app.core.security import CurrentUser
-from app.routers.deps import Service
+from app.routers.deps import COMMON_RESPONSES, Service
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], responses=COMMON_RESPONSES)
 
 UNHEALTHY_WINDOW_MS = 60_000
 

@@ -10,17 +10,19 @@ from fastapi import APIRouter, Header, Query, Request, Response, status
 from app.core.errors import Unprocessable
 from app.core.security import CurrentUser
 from app.models.queue import CreateQueueRequest, HistoryPage, QueueList, QueueStatus, RetryRequest
-from app.routers.deps import Service
+from app.routers.deps import COMMON_RESPONSES, CREATE_RESPONSES, Service
 from app.services.queue.store import QueueState
 
-router = APIRouter(tags=["queues"])
+router = APIRouter(tags=["queues"], responses=COMMON_RESPONSES)
 log = logging.getLogger("imagequeue.api")
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown queue, or someone else's"}}
 
 
-@router.post("/create-queue", status_code=status.HTTP_201_CREATED, response_model=QueueStatus)
+@router.post(
+    "/create-queue", status_code=status.HTTP_201_CREATED, response_model=QueueStatus, responses=CREATE_RESPONSES
+)
 async def create_queue(
     body: CreateQueueRequest,
     request: Request,

@@ -184,10 +184,14 @@ local idem_key, fingerprint, idem_ttl = ARGV[7], ARGV[8], tonumber(ARGV[9])
 local max_pending, max_active = tonumber(ARGV[10]), tonumber(ARGV[11])
 if idem_key ~= '' then
   local prior = redis.call('GET', idem_key)
+  -- A key whose queue is gone (deleted, or expired before the key) no longer names anything: the
+  -- request is served as a new one and the key taken over.
   if prior then
     local p = cjson.decode(prior)
-    if p.f ~= fingerprint then return {'conflict', p.q} end
-    return {'replay', p.q}
+    if redis.call('EXISTS', qkey(p.q)) == 1 then
+      if p.f ~= fingerprint then return {'conflict', p.q} end
+      return {'replay', p.q}
+    end
   end
 end
 local u = ukey(uk)
