@@ -138,3 +138,15 @@ def test_webhooks_need_a_configured_secret(client: httpx.Client) -> None:
     r = client.post("/create-queue", headers=auth(new_user()), json={"prompts": ["a"],
                                                                      "webhook_url": "https://example.com/h"})
     assert r.status_code == 422 and "WEBHOOK_SECRET" in r.json()["detail"][0]["msg"]
+
+
+def test_deliveries_go_to_the_address_that_was_checked() -> None:
+    import ipaddress
+
+    from app.services.queue.webhooks import _pinned
+
+    url, host, ext = _pinned("https://user:pw@hooks.example.com:8443/in?x=1", ipaddress.ip_address("93.184.216.34"))
+    assert url == "https://user:pw@93.184.216.34:8443/in?x=1" and host == "hooks.example.com:8443"
+    assert ext == {"sni_hostname": "hooks.example.com"}  # the certificate is still checked against the name
+    url, host, ext = _pinned("http://hooks.example.com", ipaddress.ip_address("2001:db8::1"))
+    assert url == "http://[2001:db8::1]/" and host == "hooks.example.com" and ext == {}

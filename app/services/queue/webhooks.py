@@ -23,7 +23,7 @@ import random
 import socket
 import time
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -56,16 +56,30 @@ def sign(secret: bytes, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={digest}"
 
 
-def _private(host: str) -> bool:
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _resolve(host: str) -> list[Address]:
     try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return False
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if address.is_private or address.is_loopback or address.is_link_local or address.is_reserved:
-            return True
-    return False
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return []
+    return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+
+
+def _private(address: Address) -> bool:
+    return address.is_private or address.is_loopback or address.is_link_local or address.is_reserved
+
+
+def _pinned(url: str, address: Address) -> tuple[str, str, dict[str, Any]]:
+    """The URL aimed at the address that was checked (so a second DNS answer cannot send the POST
+    elsewhere), the Host header it needs, and the TLS server name for certificate checks."""
+    parts = urlsplit(url)
+    ip = f"[{address}]" if address.version == 6 else str(address)
+    userinfo, _, host_header = parts.netloc.rpartition("@")
+    netloc = (f"{userinfo}@" if userinfo else "") + ip + (f":{parts.port}" if parts.port else "")
+    extensions: dict[str, Any] = {"sni_hostname": parts.hostname} if parts.scheme == "https" else {}
+    return urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")), host_header, extensions
 
 
 class WebhookDispatcher:
@@ -106,7 +120,8 @@ class WebhookDispatcher:
         wanted = set(config.get("events") or [])
         url = config["url"]
         host = urlsplit(url).hostname or ""
-        if not self.allow_private and await asyncio.to_thread(_private, host):
+        addresses = await asyncio.to_thread(_resolve, host)
+        if not self.allow_private and any(_private(a) for a in addresses):
             state.update(last_error=f"refused: {host} resolves to a private address", gave_up=True)
             events = await self.store.events_after(queue_id, cursor, 10_000)
             cursor = events[-1][0] if events else cursor
@@ -117,7 +132,7 @@ class WebhookDispatcher:
             if kind is None or kind not in wanted:
                 cursor = event_id
                 continue
-            ok, status, error = await self._post(url, event_id, kind, event)
+            ok, status, error = await self._post(url, addresses[0] if addresses else None, event_id, kind, event)
             state["attempts"] += 1
             state["last_status"] = status
             state["last_attempt_at"] = now_ms()
@@ -145,7 +160,12 @@ class WebhookDispatcher:
         state["consecutive_failures"] = 0
         await self.store.webhook_progress(queue_id, cursor, state, None)
 
-    async def _post(self, url: str, event_id: str, kind: str, event: dict[str, Any]) -> tuple[bool, int | None, str]:
+    async def _post(
+        self, url: str, address: Address | None, event_id: str, kind: str, event: dict[str, Any]
+    ) -> tuple[bool, int | None, str]:
+        if address is None:
+            return False, None, f"cannot resolve {urlsplit(url).hostname!r}"
+        target, host_header, extensions = _pinned(url, address)
         payload = {
             "id": event_id,
             "type": kind,
@@ -159,11 +179,13 @@ class WebhookDispatcher:
             "User-Agent": "imagequeue-webhooks",
             "X-ImageQueue-Event": kind,
             "X-ImageQueue-Delivery": event_id,
+            "Host": host_header,
             SIGNATURE_HEADER: sign(self.secret, int(time.time()), body),
         }
         try:
             response = await self.client.post(
-                url, content=body, headers=headers, timeout=DELIVERY_TIMEOUT_SECONDS, follow_redirects=False
+                target, content=body, headers=headers, timeout=DELIVERY_TIMEOUT_SECONDS, follow_redirects=False,
+                extensions=extensions,
             )
         except httpx.HTTPError as exc:
             return False, None, f"{type(exc).__name__}: {exc}"[:300]
