@@ -117,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
             print(f"started an embedded Redis at {env['REDIS_URL']} (data in {DATA_DIR / 'redis'})")
     if not env.get("JWT_SECRET") and not env.get("JWT_PUBLIC_KEY"):
+        existed = (DATA_DIR / "jwt-secret").exists()
         env["JWT_SECRET"] = local_secret()
-        print(f"generated a local JWT secret (kept in {DATA_DIR / 'jwt-secret'})")
+        print(f"{'using the' if existed else 'generated a'} local JWT secret in {DATA_DIR / 'jwt-secret'}")
     env.setdefault("PROCEDURAL_LATENCY_MS", "300")
 
     procs.append(
