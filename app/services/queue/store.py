@@ -439,9 +439,7 @@ class QueueStore:
         return [_s(q) for q in await self._run("webhook_lease", now_ms(), limit, lease_ms)]
 
     async def webhook_job(self, queue_id: str) -> dict[str, str | None]:
-        names = ("webhook", "wh_cursor", "webhook_state", "user")
-        values = await self.redis.hmget(queue_key(queue_id), list(names))
-        return {n: (_s(v) if v is not None else None) for n, v in zip(names, values, strict=True)}
+        return await self.queue_fields(queue_id, ("webhook", "wh_cursor", "webhook_state", "user"))
 
     async def events_after(self, queue_id: str, cursor: str, count: int) -> list[tuple[str, dict[str, Any]]]:
         rows: Any = await self.redis.xrange(queue_key(queue_id) + ":ev", f"({cursor}", "+", count=count)
