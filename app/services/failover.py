@@ -174,8 +174,7 @@ class FailoverProvider:
         message = "; ".join(f"{e.label}: {exc.message}" for e, exc in errors)
         if len(errors) == 1:
             message = errors[0][1].message
-        if all(isinstance(exc, ProviderRateLimited) for _, exc in errors):
-            waits = [exc.retry_after for _, exc in errors if exc.retry_after is not None]
-            return ProviderRateLimited(message, retryable=True, retry_after=min(waits) if waits else None)
         waits = [exc.retry_after for _, exc in errors if exc.retry_after is not None]
-        return ProviderUnavailable(message, retryable=True, retry_after=min(waits) if waits else None)
+        kind = ProviderRateLimited if all(isinstance(exc, ProviderRateLimited) for _, exc in errors) \
+            else ProviderUnavailable
+        return kind(message, retryable=True, retry_after=min(waits) if waits else None)
