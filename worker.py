@@ -10,22 +10,20 @@ import signal
 import socket
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import prometheus_client
-import redis
-
-from app.core.config import get_settings
-from app.core.logging import configure_logging
-from app.services.models import load_catalog
-from app.services.queue.worker import ImageWorker, WorkerRuntime, queue_names
+if TYPE_CHECKING:
+    from app.core.config import Settings
 
 log = logging.getLogger("imagequeue.worker")
 RQ_WORKER_TTL_SECONDS = 35  # RQ dequeues block for ttl - 15 s, so it heartbeats every 20 s when idle
 RESTART_PAUSE_SECONDS = 1.0
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    settings = get_settings()
+def parse_args(argv: list[str] | None = None, settings: Settings | None = None) -> argparse.Namespace:
+    from app.core.config import get_settings
+
+    settings = settings or get_settings()
     parser = argparse.ArgumentParser(description="Run an imagequeue worker (RQ + N concurrent generations).")
     parser.add_argument(
         "--concurrency",
@@ -62,8 +60,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    # A stop that arrives while the worker is still starting (imports, catalogue) is remembered and
+    # honoured once the runtime exists: a stop is always a clean stop, never a death by signal.
+    early_stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: early_stop.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: early_stop.append(signum))
+
+    import prometheus_client
+    import redis
+
+    from app.core.config import get_settings
+    from app.core.logging import configure_logging
+    from app.services.models import load_catalog
+    from app.services.queue.worker import ImageWorker, WorkerRuntime, queue_names
+
     settings = get_settings()
+    args = parse_args(argv, settings)
     configure_logging(settings.log_level, "worker")
     catalog = load_catalog(settings)
     models = [m.strip() for m in args.models.split(",") if m.strip()] or list(catalog.models)
@@ -91,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if early_stop:
+        runtime.request_stop()
     try:
         while not runtime.stopping:
             try:
