@@ -22,8 +22,9 @@ from app.core.errors import install_error_handlers
 from app.core.logging import configure_logging
 from app.core.metrics import ApiMetrics, install_metrics
 from app.core.security import TokenCache, sign_image, signature_expiry
-from app.routers import events, generate, health, images, models, queues
+from app.routers import events, generate, health, images, metrics, models, queues
 from app.services.models import load_catalog
+from app.services.queue.fleet import FleetService
 from app.services.queue.queue_service import QueueService
 from app.services.queue.store import QueueStore
 from app.services.queue.tickets import Tickets
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job_timeout = int(settings.worker_ticket_seconds + settings.worker_grace_seconds + 60)
         app.state.redis = async_client
         app.state.queue_service = QueueService(store, Tickets(sync_client, job_timeout), settings, catalog, image_url)
+        app.state.fleet = FleetService(store, catalog)
         log.info("api ready: models %s, redis %s", ", ".join(catalog.models), _redacted(settings.effective_redis_url))
         try:
             yield
@@ -145,10 +147,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.token_cache = TokenCache()
     app.state.catalog = catalog
     install_error_handlers(app)
-    metrics = ApiMetrics()
-    app.state.metrics = metrics
-    install_metrics(app, metrics)
-    for module in (queues, generate, images, events, models, health):
+    api_metrics = ApiMetrics()
+    app.state.metrics = api_metrics
+    install_metrics(app, api_metrics)
+    for module in (queues, generate, images, events, models, health, metrics):
         app.include_router(module.router)
 
     if (STATIC_DIR / "index.html").exists():

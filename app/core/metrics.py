@@ -1,4 +1,5 @@
-"""Prometheus metrics: the API's own, figures read from Redis at scrape time, and the workers'."""
+"""Prometheus metrics: the API's registry (its own figures and gauges set from Redis at scrape time,
+see services/queue/fleet.py), its timing middleware, and the workers' registry."""
 
 from __future__ import annotations
 
@@ -6,11 +7,9 @@ import logging
 import time
 from collections.abc import Callable
 
-from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from app.services.queue.store import PRIORITIES, QueueStore
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 PROVIDER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
@@ -46,19 +45,6 @@ class ApiMetrics:
         self.pending = Gauge("imagequeue_images_pending", "Images waiting to start", ["model", "priority"], registry=r)
         self.workers = Gauge("imagequeue_workers", "Live workers", registry=r)
         self.worker_slots = Gauge("imagequeue_worker_concurrency", "Total generation slots of live workers", registry=r)
-
-    async def refresh(self, store: QueueStore, models: list[str]) -> None:
-        for status, value in (await store.finished_totals()).items():
-            self.images_finished.labels(status).set(value)
-        inflight = await store.inflight()
-        for model in models:
-            self.in_flight.labels(model).set(max(0, inflight.get(model, 0)))
-            pending = await store.pending_by_priority(model)
-            for priority in PRIORITIES:
-                self.pending.labels(model, priority).set(pending[priority])
-        workers = await store.workers()
-        self.workers.set(len(workers))
-        self.worker_slots.set(sum(int(w.get("concurrency", 0)) for w in workers))
 
 
 class TimingMiddleware:
@@ -99,12 +85,6 @@ class TimingMiddleware:
 
 def install_metrics(app: FastAPI, metrics: ApiMetrics) -> None:
     app.add_middleware(TimingMiddleware, metrics=metrics)
-
-    @app.get("/metrics", include_in_schema=False)
-    async def _metrics(request: Request) -> Response:
-        service = request.app.state.queue_service
-        await metrics.refresh(service.store, list(service.catalog.models))
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 class WorkerMetrics:

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.services.queue.store import ImageStatus, QueueState
-
-
-class Priority(StrEnum):
-    LOW = "low"
-    NORMAL = "normal"
-    HIGH = "high"
-
+from app.services.queue.states import ImageStatus, Priority, QueueState, WebhookEvent
 
 MAX_SEED = 2**53
 
@@ -53,7 +45,7 @@ class CreateQueueRequest(BaseModel):
     tags: list[str] = Field(default_factory=list)
     webhook_url: str | None = Field(default=None, description="POSTed on start, per image and on completion")
     webhook_events: list[str] | None = Field(
-        default=None, description="Subset of queue.started, image.finished, queue.finished (default: all)"
+        default=None, description=f"Subset of {', '.join(WebhookEvent)} (default: all)"
     )
 
     @model_validator(mode="after")

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from pydantic import BaseModel
 
 from app.core.config import Settings
+from app.services.queue.fleet import FleetService
 from app.services.queue.queue_service import QueueService
 
 
@@ -16,12 +17,18 @@ async def get_service(request: Request) -> QueueService:
     return service
 
 
+async def get_fleet(request: Request) -> FleetService:
+    fleet: FleetService = request.app.state.fleet
+    return fleet
+
+
 async def get_settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
 Service = Annotated[QueueService, Depends(get_service)]
+Fleet = Annotated[FleetService, Depends(get_fleet)]
 AppSettings = Annotated[Settings, Depends(get_settings_dep)]
 
 

@@ -11,7 +11,7 @@ from app.core.errors import Unprocessable
 from app.core.security import CurrentUser
 from app.models.queue import CreateQueueRequest, HistoryPage, QueueList, QueueStatus, RetryRequest
 from app.routers.deps import COMMON_RESPONSES, CREATE_RESPONSES, Service
-from app.services.queue.store import QueueState
+from app.services.queue.states import QueueState
 
 router = APIRouter(tags=["queues"], responses=COMMON_RESPONSES)
 log = logging.getLogger("imagequeue.api")

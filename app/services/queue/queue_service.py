@@ -16,17 +16,21 @@ from typing import Any
 
 from app.core.config import Settings
 from app.core.errors import Conflict, NotFound, TooManyRequests, Unprocessable
-from app.models.queue import (
-    MAX_SEED,
-    CreateQueueRequest,
-    GenerateRequest,
-    ImageResult,
-    Priority,
-    QueueStatus,
-)
+from app.models.queue import MAX_SEED, CreateQueueRequest, GenerateRequest, ImageResult, QueueStatus
 from app.services.image_service import RESERVED_PARAMS
 from app.services.models import Catalog
-from app.services.queue.store import PRIORITIES, ImageStatus, QueueState, QueueStore, Schedule, user_key
+from app.services.queue.states import (
+    TERMINAL,
+    CancelOutcome,
+    CreateOutcome,
+    DeleteOutcome,
+    ImageStatus,
+    Priority,
+    QueueState,
+    RetryOutcome,
+    WebhookEvent,
+)
+from app.services.queue.store import QueueStore, Schedule, user_key
 from app.services.queue.tickets import Tickets
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -34,7 +38,6 @@ _QUEUE_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_TAG_LENGTH = 64
 MAX_VARIABLE_NAME_LENGTH = 64
 SERVED_CACHE_SECONDS = 2.0
-TERMINAL = {QueueState.COMPLETED, QueueState.FAILED, QueueState.CANCELLED}
 
 ImageUrl = Callable[[str, int, int], str]
 
@@ -45,9 +48,9 @@ def _iso(ms: str | int | None) -> str | None:
     return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _position(priority: str, schedule: Schedule) -> int:
+def _position(priority: Priority, schedule: Schedule) -> int:
     """Images of other queues ahead of this queue's next pending image, in the fair schedule."""
-    ahead = sum(schedule.pending[p] for p in PRIORITIES[: PRIORITIES.index(priority)])
+    ahead = sum(n for p, n in schedule.pending.items() if p.rank < priority.rank)
     # Round robin: each user ahead in the ring gets one image first; each of this user's queues
     # ahead of this one costs a full round of every user.
     ahead += schedule.user_rank or 0
@@ -237,21 +240,21 @@ class QueueService:
             max_pending=s.max_pending_images_per_user,
             max_active=s.max_active_queues_per_user,
         )
-        if result.outcome == "conflict":
+        if result.outcome == CreateOutcome.CONFLICT:
             raise Unprocessable(
                 "this Idempotency-Key was already used with a different request body", ("header", "Idempotency-Key")
             )
-        if result.outcome == "limit_active":
+        if result.outcome == CreateOutcome.LIMIT_ACTIVE:
             raise TooManyRequests(
                 f"you already have {result.detail} active queues, the most allowed; wait for one to finish", 30
             )
-        if result.outcome == "limit_pending":
+        if result.outcome == CreateOutcome.LIMIT_PENDING:
             raise TooManyRequests(
                 f"this queue would exceed your limit of {s.max_pending_images_per_user} pending images "
                 f"(room for {max(0, int(result.detail))} more); wait for some to finish",
                 30,
             )
-        if result.outcome == "replay":
+        if result.outcome == CreateOutcome.REPLAY:
             return await self.status(user_id, result.queue_id, images_limit=None), True
         await self.wake(model, total)
         return await self.status(user_id, queue_id, images_limit=None), False
@@ -266,8 +269,8 @@ class QueueService:
         url = req.webhook_url
         if not re.match(r"^https?://[^\s/]+", url) or len(url) > 2048:
             raise Unprocessable("webhook_url must be an http(s) URL", ("body", "webhook_url"))
-        events = req.webhook_events or ["queue.started", "image.finished", "queue.finished"]
-        known = {"queue.started", "image.finished", "queue.finished"}
+        events = req.webhook_events or [e.value for e in WebhookEvent]
+        known = {e.value for e in WebhookEvent}
         bad = [e for e in events if e not in known]
         if bad:
             raise Unprocessable(f"unknown webhook events {bad}; known: {sorted(known)}", ("body", "webhook_events"))
@@ -362,7 +365,7 @@ class QueueService:
         position: int | None = None
         eta: float | None = None
         if schedule is not None and not meta.get("finished_at"):
-            position = _position(meta["priority"], schedule) if counts["pending"] else None
+            position = _position(Priority(meta["priority"]), schedule) if counts["pending"] else None
             eta = _eta(meta, counts, position, schedule.rate)
         webhook = json.loads(meta["webhook"]) if meta.get("webhook") else None
         if webhook is not None and meta.get("webhook_state"):
@@ -492,9 +495,9 @@ class QueueService:
             raise NotFound("queue not found")
         s = self.settings
         outcome = await self.store.cancel(queue_id, user_key(user_id), s.queue_ttl_seconds, self._user_ttl)
-        if outcome == "notfound":
+        if outcome == CancelOutcome.NOT_FOUND:
             raise NotFound("queue not found")
-        if outcome == "conflict":
+        if outcome == CancelOutcome.CONFLICT:
             meta = await self._meta(user_id, queue_id)
             raise Conflict(f"queue already finished ({meta['status']}); nothing to cancel")
         return await self.status(user_id, queue_id)
@@ -505,11 +508,11 @@ class QueueService:
         outcome, _ = await self.store.retry(
             queue_id, user_key(user_id), include_cancelled, self.settings.queue_safety_ttl_seconds
         )
-        if outcome == "notfound":
+        if outcome == RetryOutcome.NOT_FOUND:
             raise NotFound("queue not found")
-        if outcome == "conflict":
+        if outcome == RetryOutcome.CONFLICT:
             raise Conflict("queue is still running; retry it once it has finished (or cancel it first)")
-        if outcome == "nothing":
+        if outcome == RetryOutcome.NOTHING:
             what = "failed or cancelled" if include_cancelled else "failed"
             raise Conflict(f"queue has no {what} images to retry")
         meta = await self._meta(user_id, queue_id)
@@ -520,9 +523,9 @@ class QueueService:
         if not valid_queue_id(queue_id):
             raise NotFound("queue not found")
         outcome = await self.store.delete(queue_id, user_key(user_id))
-        if outcome == "notfound":
+        if outcome == DeleteOutcome.NOT_FOUND:
             raise NotFound("queue not found")
-        if outcome == "conflict":
+        if outcome == DeleteOutcome.CONFLICT:
             raise Conflict("queue is still running; cancel it first, then delete it once nothing of it runs")
 
     async def image(self, queue_id: str, index: int) -> tuple[bytes, str, int, str] | None:

@@ -14,15 +14,25 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from app.services.queue.states import (
+    CancelOutcome,
+    CreateOutcome,
+    DeleteOutcome,
+    Discarded,
+    ImageStatus,
+    Outcome,
+    Priority,
+    QueueState,
+    RetryOutcome,
+)
+
 PREFIX = "iq:"
-PRIORITIES = ("high", "normal", "low")
 LEASES_KEY = PREFIX + "leases"
 INFLIGHT_KEY = PREFIX + "inflight"
 WORKERS_KEY = PREFIX + "workers"
@@ -33,29 +43,6 @@ THROUGHPUT_BUCKET_MS = 10_000
 THROUGHPUT_WINDOW_BUCKETS = 6
 REAP_BATCH = 200
 PROVIDER_HEALTH_TTL_SECONDS = 3600
-
-
-class ImageStatus(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-class QueueState(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-class Outcome(StrEnum):
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    REQUEUE = "requeue"
 
 
 def now_ms() -> int:
@@ -122,7 +109,7 @@ class ClaimResult:
 
 @dataclass(frozen=True, slots=True)
 class CreateResult:
-    outcome: str  # created | replay | conflict | limit_active | limit_pending
+    outcome: CreateOutcome
     queue_id: str
     detail: str = ""
 
@@ -175,20 +162,22 @@ class QueueStore:
             max_pending,
             max_active,
         )
-        outcome, value = _s(res[0]), _s(res[1])
-        if outcome in ("created", "replay", "conflict"):
-            return CreateResult(outcome, value)
-        return CreateResult(outcome, "", value)
+        outcome, value = CreateOutcome(_s(res[0])), _s(res[1])
+        if outcome in (CreateOutcome.LIMIT_ACTIVE, CreateOutcome.LIMIT_PENDING):
+            return CreateResult(outcome, "", value)
+        return CreateResult(outcome, value)
 
-    async def cancel(self, queue_id: str, uk: str, ttl: int, user_ttl: int) -> str:
-        return _s(await self._run("cancel", queue_id, uk, now_ms(), ttl, user_ttl))
+    async def cancel(self, queue_id: str, uk: str, ttl: int, user_ttl: int) -> CancelOutcome:
+        return CancelOutcome(_s(await self._run("cancel", queue_id, uk, now_ms(), ttl, user_ttl)))
 
-    async def retry(self, queue_id: str, uk: str, include_cancelled: bool, safety_ttl: int) -> tuple[str, int]:
+    async def retry(
+        self, queue_id: str, uk: str, include_cancelled: bool, safety_ttl: int
+    ) -> tuple[RetryOutcome, int]:
         res = await self._run("retry", queue_id, uk, "1" if include_cancelled else "0", now_ms(), safety_ttl)
-        return _s(res[0]), int(res[1])
+        return RetryOutcome(_s(res[0])), int(res[1])
 
-    async def delete(self, queue_id: str, uk: str) -> str:
-        return _s(await self._run("delete", queue_id, uk))
+    async def delete(self, queue_id: str, uk: str) -> DeleteOutcome:
+        return DeleteOutcome(_s(await self._run("delete", queue_id, uk)))
 
     async def meta(self, queue_id: str) -> dict[str, str] | None:
         raw = await self.redis.hgetall(queue_key(queue_id))
@@ -289,8 +278,8 @@ class QueueStore:
         error: str = "",
         blob: bytes = b"",
         content_type: str = "",
-    ) -> str:
-        return _s(
+    ) -> Settled:
+        return _settled(
             await self._run(
                 "complete",
                 claim.queue_id,
@@ -306,7 +295,7 @@ class QueueStore:
             )
         )
 
-    async def complete_many(self, reports: Sequence[Report], *, ttl: int, user_ttl: int) -> list[str]:
+    async def complete_many(self, reports: Sequence[Report], *, ttl: int, user_ttl: int) -> list[Settled]:
         """Several completions in one pipelined round trip (each still its own atomic script)."""
         script = self._scripts["complete"]
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -318,7 +307,7 @@ class QueueStore:
                     client=pipe,
                 )
             results = await pipe.execute()
-        return [_s(v) for v in results]
+        return [_settled(v) for v in results]
 
     async def renew(self, members: Sequence[str], lease_ms: int) -> None:
         if members:
@@ -333,9 +322,9 @@ class QueueStore:
         values = await self.redis.hvals(f"{PREFIX}pend:{model}")
         return sum(max(0, int(v)) for v in values)
 
-    async def pending_by_priority(self, model: str) -> dict[str, int]:
+    async def pending_by_priority(self, model: str) -> dict[Priority, int]:
         raw = await self.redis.hgetall(f"{PREFIX}pend:{model}")
-        return {p: max(0, int(raw.get(p.encode(), 0))) for p in PRIORITIES}
+        return {p: max(0, int(raw.get(p.encode(), 0))) for p in Priority}
 
     async def user_pending(self, uk: str) -> int:
         return max(0, int(await self.redis.hget(_user(uk, "stats"), "pending") or 0))
@@ -360,7 +349,7 @@ class QueueStore:
         meta = {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
         if not extra:
             return meta, None
-        pending = {p: max(0, int(extra[i])) for i, p in enumerate(PRIORITIES)}
+        pending = {p: max(0, int(extra[i])) for i, p in enumerate(Priority)}
         user_rank, users, queue_rank = (int(v) for v in extra[3:6])
         return meta, Schedule(
             pending=pending,
@@ -470,7 +459,7 @@ class Schedule:
     """Where an unfinished queue stands: claimable images per priority, its rank among users and
     among its user's queues, and its model's recent throughput (images/s)."""
 
-    pending: dict[str, int]
+    pending: dict[Priority, int]
     user_rank: int | None
     users: int
     queue_rank: int | None
@@ -482,6 +471,18 @@ def _rate(buckets: list[int]) -> float:
     elapsed_in_current = (now_ms() % THROUGHPUT_BUCKET_MS) / 1000
     window = THROUGHPUT_WINDOW_BUCKETS * THROUGHPUT_BUCKET_MS / 1000 + elapsed_in_current
     return sum(buckets) / window
+
+
+Settled = QueueState | Discarded
+"""What a completion answers: the queue's state after it, or why it was not applied."""
+
+
+def _settled(value: Any) -> Settled:
+    text = _s(value)
+    return Discarded(text) if text in _DISCARDED else QueueState(text)
+
+
+_DISCARDED = frozenset(Discarded)
 
 
 def _s(value: Any) -> str:

@@ -27,6 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from app.services.queue.states import ImageStatus, QueueState, WebhookEvent
 from app.services.queue.store import QueueStore, now_ms
 
 log = logging.getLogger("imagequeue.webhooks")
@@ -39,15 +40,15 @@ MAX_BACKOFF_SECONDS = 300.0
 SIGNATURE_HEADER = "X-ImageQueue-Signature"
 
 
-def event_type(event: dict[str, Any]) -> str | None:
+def event_type(event: dict[str, Any]) -> WebhookEvent | None:
     """The webhook event an internal event stands for, if any."""
     if event.get("type") == "queue":
         if event.get("final"):
-            return "queue.finished"
-        if event.get("status") == "running":
-            return "queue.started"
-    if event.get("type") == "image" and event.get("status") in ("succeeded", "failed", "cancelled"):
-        return "image.finished"
+            return WebhookEvent.QUEUE_FINISHED
+        if event.get("status") == QueueState.RUNNING:
+            return WebhookEvent.QUEUE_STARTED
+    if event.get("type") == "image" and ImageStatus(event.get("status", ImageStatus.PENDING)).finished:
+        return WebhookEvent.IMAGE_FINISHED
     return None
 
 
