@@ -33,7 +33,7 @@ def generate_one(prompt: str, seed: int, latency_ms: float) -> int:
 def provider_alone(images: int, concurrency: int, latency_ms: float) -> float:
     """The machine's ceiling for this provider: N concurrent generations on one event loop, no queue."""
     from app.services.image_service import ImageRequest, ProceduralProvider
-    from app.services.queue.worker import _new_loop
+    from app.services.queue.worker.runtime import new_loop
 
     provider = ProceduralProvider(latency_ms=latency_ms)
 
@@ -48,7 +48,7 @@ def provider_alone(images: int, concurrency: int, latency_ms: float) -> float:
         await asyncio.gather(*(one(i) for i in range(images)))
         return images / (time.perf_counter() - t0)
 
-    loop = _new_loop()
+    loop = new_loop()
     try:
         return loop.run_until_complete(run())
     finally:

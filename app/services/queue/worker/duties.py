@@ -1,0 +1,165 @@
+"""A worker's background duties: heartbeat, reaper (with the ticket top-up), cancel watchers, webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import httpx
+import redis
+import redis.asyncio
+
+from app.core.config import Settings
+from app.services.queue.store import CANCEL_CHANNEL, QueueStore
+from app.services.queue.tickets import Tickets
+from app.services.queue.webhooks import WebhookDispatcher
+from app.services.queue.worker.slots import Slots
+
+log = logging.getLogger("imagequeue.worker")
+
+WEBHOOK_POLL_SECONDS = 0.5
+WEBHOOK_BUSY_POLL_SECONDS = 0.05  # while deliveries are due, look again soon
+CANCEL_LISTEN_SECONDS = 1.0  # below the socket timeout, so silence is not taken for a dead link
+CANCEL_RECONNECT_SECONDS = 1.0
+
+
+class Duties:
+    """The loops that run beside the images for as long as the worker runs."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        name: str,
+        models: Sequence[str],
+        store: QueueStore,
+        redis_client: redis.asyncio.Redis,
+        http: httpx.AsyncClient,
+        tickets: Tickets,
+        slots: Slots,
+        busy: Callable[[], bool],
+    ) -> None:
+        self.settings = settings
+        self.name = name
+        self.models = list(models)
+        self.store = store
+        self.redis = redis_client
+        self.http = http
+        self.tickets = tickets
+        self.slots = slots
+        self.busy = busy  # draining or stopping: no top-up needed
+
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        s = self.settings
+        loops = [self.heartbeat(), self.reaper(), self.cancel_poll(), self.cancel_listen()]
+        if s.webhook_secret:
+            dispatcher = WebhookDispatcher(
+                self.store,
+                self.http,
+                s.webhook_secret.encode(),
+                allow_private=s.webhook_allow_private,
+                max_retry_seconds=s.webhook_max_retry_seconds,
+            )
+            loops.append(self.webhooks(dispatcher))
+        return loops
+
+    # -- heartbeat ----------------------------------------------------------------------------
+    async def heartbeat(self) -> None:
+        """Renews the leases of our images and announces the worker (GET /health lists it)."""
+        s = self.settings
+        info = {
+            "name": self.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "concurrency": self.slots.concurrency,
+            "models": self.models,
+            "started_at": int(time.time()),
+        }
+        while True:
+            try:
+                members = self.slots.lease_members()
+                await self.store.renew(members, int(s.worker_lease_seconds * 1000))
+                await self.store.register_worker(
+                    self.name,
+                    {**info, "in_flight": len(members), "images_done": self.slots.images_done},
+                    int(s.worker_lease_seconds * 1000),
+                )
+            except redis.RedisError as exc:
+                log.warning("heartbeat failed: %s", exc, extra={"worker": self.name})
+            await asyncio.sleep(s.worker_heartbeat_seconds)
+
+    # -- reaper and top-up --------------------------------------------------------------------
+    async def reaper(self) -> None:
+        """Re-queues the images of workers whose leases lapsed, and wakes someone to run them."""
+        s = self.settings
+        while True:
+            await asyncio.sleep(s.worker_heartbeat_seconds)
+            try:
+                models = await self.store.reap(
+                    s.max_image_attempts, s.queue_ttl_seconds, s.queue_ttl_seconds + s.queue_safety_ttl_seconds
+                )
+                if models:
+                    log.info("re-queued images of a lost worker", extra={"worker": self.name})
+                for model in models:
+                    await asyncio.to_thread(self.tickets.wake, model, 1)
+                await self.top_up()
+            except redis.RedisError as exc:
+                log.warning("reaper failed: %s", exc, extra={"worker": self.name})
+
+    async def top_up(self) -> None:
+        """Safety net: claimable work with no ticket waiting and nobody draining gets a ticket."""
+        if self.busy():
+            return
+        for model in self.models:
+            if await self.store.claimable(model) > 0:
+                waiting = await asyncio.to_thread(self.tickets.waiting, model)
+                if waiting == 0:
+                    await asyncio.to_thread(self.tickets.wake, model, 1)
+
+    # -- cancel watchers ----------------------------------------------------------------------
+    async def cancel_poll(self) -> None:
+        """Catches cancels whose notification was missed (e.g. during a reconnect)."""
+        while True:
+            await asyncio.sleep(self.settings.worker_cancel_poll_seconds)
+            queue_ids = self.slots.queue_ids()
+            if not queue_ids:
+                continue
+            try:
+                statuses = await self.store.statuses(queue_ids)
+            except redis.RedisError:
+                continue
+            for qid, status in statuses.items():
+                if status in ("cancelled", None):
+                    self.slots.cancel_queue(qid)
+
+    async def cancel_listen(self) -> None:
+        """Stops a queue's running images as soon as its cancel is published."""
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(CANCEL_CHANNEL)
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=CANCEL_LISTEN_SECONDS
+                        )
+                        if message and message.get("type") == "message":
+                            data = message["data"]
+                            self.slots.cancel_queue(data.decode() if isinstance(data, bytes) else str(data))
+            except (redis.RedisError, OSError) as exc:
+                log.debug("cancel listener reconnecting: %s", exc)
+                await asyncio.sleep(CANCEL_RECONNECT_SECONDS)
+
+    # -- webhooks -----------------------------------------------------------------------------
+    async def webhooks(self, dispatcher: WebhookDispatcher) -> None:
+        while True:
+            try:
+                busy = await dispatcher.run_once()
+            except redis.RedisError as exc:
+                log.warning("webhook round failed: %s", exc, extra={"worker": self.name})
+                busy = 0
+            await asyncio.sleep(WEBHOOK_BUSY_POLL_SECONDS if busy else WEBHOOK_POLL_SECONDS)

@@ -1,0 +1,264 @@
+"""A worker process's event loop thread: opening and closing it, and draining tickets into free slots."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import httpx
+import redis
+import redis.asyncio
+
+from app.core.config import Settings
+from app.core.metrics import WorkerMetrics
+from app.services.image_service import ImageService
+from app.services.models import Catalog, ModelConfig
+from app.services.providers import build_model_provider
+from app.services.queue.store import QueueStore
+from app.services.queue.tickets import Tickets
+from app.services.queue.worker.duties import Duties
+from app.services.queue.worker.execution import Execution
+from app.services.queue.worker.gate import StoreGate
+from app.services.queue.worker.reporter import Reporter
+from app.services.queue.worker.slots import Slots
+
+log = logging.getLogger("imagequeue.worker")
+
+T = TypeVar("T")
+CLAIM_RETRY_SECONDS = 1.0  # after a claim failed on Redis
+CAP_POLL_SECONDS = 0.05  # a concurrency cap stopped the claim: look again this soon
+REPORT_GRACE_SECONDS = 10.0  # on shutdown, how long finished images' reports may still take
+TICKET_MARGIN_SECONDS = 60  # a ticket's RQ timeout beyond its time slice and the shutdown grace
+CLAIMABLE_TIMEOUT_SECONDS = 30
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed (about twice as fast per image here), else asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class WorkerRuntime:
+    """A worker process's event loop thread, its generation slots and its background duties."""
+
+    def __init__(
+        self, settings: Settings, catalog: Catalog, *, name: str, concurrency: int, models: Sequence[str]
+    ) -> None:
+        unknown = [m for m in models if m not in catalog.models]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; known: {sorted(catalog.models)}")
+        self.settings = settings
+        self.catalog = catalog
+        self.name = name
+        self.concurrency = concurrency
+        self.models = list(models)
+        self.metrics = WorkerMetrics()
+        self.slots = Slots(concurrency, self.metrics.in_flight)
+        self.loop = new_loop()
+        self._thread = threading.Thread(target=self._run_loop, name="imagequeue-loop", daemon=True)
+        self._stopping = False
+        self._draining = False
+        self._background: list[asyncio.Task[None]] = []
+        self.store: QueueStore
+        self.services: dict[str, ImageService] = {}
+        self._execution: Execution
+        self._redis: redis.asyncio.Redis
+        self._http: httpx.AsyncClient
+        self._tickets: Tickets
+
+    # -- called from the main thread ----------------------------------------------------------
+    def start(self, sync_redis: redis.Redis) -> None:
+        self._tickets = Tickets(sync_redis, self.ticket_timeout)
+        self._thread.start()
+        self._call(self._open()).result()
+
+    @property
+    def ticket_timeout(self) -> int:
+        s = self.settings
+        return int(s.worker_ticket_seconds + s.worker_grace_seconds + TICKET_MARGIN_SECONDS)
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def drain(self) -> dict[str, int]:
+        """Redeem one ticket: claim and start images until none is claimable or the slice ends."""
+        future = self._call(self._drain(time.monotonic() + self.settings.worker_ticket_seconds))
+        while True:
+            try:
+                # A short timeout keeps the main thread responsive to signals.
+                return dict(future.result(timeout=0.5))
+            except TimeoutError:
+                continue
+
+    def request_stop(self) -> None:
+        """Stop claiming (thread-safe); running images go on until shutdown()."""
+        self._stopping = True
+        self.loop.call_soon_threadsafe(self.slots.freed.set)  # wakes a drain waiting for a slot
+
+    def claimable(self) -> int:
+        """Images any of our models could claim now (0 when Redis is unreachable)."""
+
+        async def count() -> int:
+            try:
+                return sum([await self.store.claimable(m) for m in self.models])
+            except redis.RedisError:
+                return 0
+
+        return int(self._call(count()).result(timeout=CLAIMABLE_TIMEOUT_SECONDS))
+
+    def shutdown(self, grace: float) -> None:
+        """Stop claiming; let running images finish for `grace` seconds, then hand the rest back."""
+        self._stopping = True
+        try:
+            self._call(self._close(grace)).result(timeout=grace + 30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=5)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @property
+    def in_flight(self) -> int:
+        """Images claimed and not yet reported (generating, or only their report left)."""
+        return len(self.slots.running)
+
+    # -- on the loop ----------------------------------------------------------------------------
+    async def _open(self) -> None:
+        s = self.settings
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            s.effective_redis_url,
+            max_connections=self.concurrency * 2 + 16,
+            timeout=None,
+            socket_timeout=s.redis_socket_timeout,
+            socket_connect_timeout=s.redis_connect_timeout,
+            health_check_interval=15,
+        )
+        self._redis = redis.asyncio.Redis(connection_pool=pool)
+        self.store = QueueStore(self._redis)
+        limits = httpx.Limits(max_connections=max(10, self.concurrency * 2), max_keepalive_connections=self.concurrency)
+        self._http = httpx.AsyncClient(limits=limits, timeout=s.provider_timeout_seconds)
+        for name in self.models:
+            self.services[name] = self._service(self.catalog.models[name])
+        reporter = Reporter(self.store, s, self.name)
+        self._execution = Execution(
+            settings=s,
+            catalog=self.catalog,
+            store=self.store,
+            services=self.services,
+            slots=self.slots,
+            reporter=reporter,
+            metrics=self.metrics,
+            worker_name=self.name,
+        )
+        duties = Duties(
+            settings=s,
+            name=self.name,
+            models=self.models,
+            store=self.store,
+            redis_client=self._redis,
+            http=self._http,
+            tickets=self._tickets,
+            slots=self.slots,
+            busy=lambda: self._draining or self._stopping,
+        )
+        for coro in [*duties.loops(), reporter.run()]:
+            self._background.append(asyncio.create_task(coro))
+
+    def _service(self, model: ModelConfig) -> ImageService:
+        s = self.settings
+        provider = build_model_provider(model, client=self._http, settings=s)
+        return ImageService(
+            provider,
+            max_retries=s.provider_max_retries,
+            backoff_base=s.provider_backoff_base_seconds,
+            backoff_max=s.provider_backoff_max_seconds,
+            gate=StoreGate(self.store, model.name),
+            observe=self.metrics.observer(model.name),
+        )
+
+    async def _close(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        while self.slots.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        leftovers = self.slots.stop_all("shutdown")
+        if leftovers:
+            log.info("handing back %d unfinished image(s)", len(leftovers), extra={"worker": self.name})
+            tasks = [r.task for r in leftovers if r.task is not None]
+            # Reports that cannot reach Redis in time are left to the leases: those images run again.
+            await asyncio.wait(tasks, timeout=REPORT_GRACE_SECONDS)
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        try:
+            await self.store.unregister_worker(self.name)
+        except redis.RedisError:
+            pass
+        await self._http.aclose()
+        await self._redis.aclose()
+
+    async def _drain(self, deadline: float) -> dict[str, int]:
+        slots = self.slots
+        claimed = 0
+        self._draining = True
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                if now >= deadline:
+                    await self._continue_later()
+                    break
+                free = slots.free
+                if free <= 0:
+                    slots.freed.clear()
+                    try:
+                        await asyncio.wait_for(slots.freed.wait(), deadline - now)
+                    except TimeoutError:
+                        pass
+                    continue
+                try:
+                    result = await self.store.claim(
+                        self.name,
+                        self.models,
+                        free,
+                        self.catalog.caps(),
+                        int(self.settings.worker_lease_seconds * 1000),
+                    )
+                except redis.RedisError as exc:
+                    log.warning("claim failed, retrying: %s", exc, extra={"worker": self.name})
+                    await asyncio.sleep(CLAIM_RETRY_SECONDS)
+                    continue
+                for claim in result.claims:
+                    self._execution.start(claim)
+                claimed += len(result.claims)
+                if result.claims:
+                    continue
+                if result.wait_ms > 0 or result.capped:
+                    pause = result.wait_ms / 1000 if result.wait_ms else CAP_POLL_SECONDS
+                    await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+                    continue
+                break
+        finally:
+            self._draining = False
+        return {"claimed": claimed}
+
+    async def _continue_later(self) -> None:
+        """The slice is over but work may remain: leave a ticket so someone (maybe us) goes on."""
+        for model in self.models:
+            try:
+                if await self.store.claimable(model) > 0:
+                    await asyncio.to_thread(self._tickets.wake, model, 1)
+            except redis.RedisError:
+                pass
