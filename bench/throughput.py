@@ -23,7 +23,8 @@ SIZE = 64
 
 def generate_one(prompt: str, seed: int, latency_ms: float) -> int:
     """Plain RQ baseline: one RQ job per image, the same provider call the worker makes."""
-    from app.services.image_service import ImageRequest, ProceduralProvider
+    from app.services.providers.base import ImageRequest
+    from app.services.providers.procedural import ProceduralProvider
 
     provider = ProceduralProvider(latency_ms=latency_ms)
     image = asyncio.run(provider.generate(ImageRequest(prompt=prompt, seed=seed, width=SIZE, height=SIZE)))
@@ -32,7 +33,8 @@ def generate_one(prompt: str, seed: int, latency_ms: float) -> int:
 
 def provider_alone(images: int, concurrency: int, latency_ms: float) -> float:
     """The machine's ceiling for this provider: N concurrent generations on one event loop, no queue."""
-    from app.services.image_service import ImageRequest, ProceduralProvider
+    from app.services.providers.base import ImageRequest
+    from app.services.providers.procedural import ProceduralProvider
     from app.services.queue.worker.runtime import new_loop
 
     provider = ProceduralProvider(latency_ms=latency_ms)

@@ -14,19 +14,14 @@ import pytest
 from PIL import Image
 
 from app.core.config import Settings
-from app.services import comfyui
-from app.services.comfyui import ComfyUIProvider, Workflow, WorkflowError
-from app.services.failover import Endpoint, FailoverProvider
-from app.services.image_service import (
-    ImageRequest,
-    ImageService,
-    ProviderRateLimited,
-    ProviderRejected,
-    ProviderUnavailable,
-    build_provider,
-)
+from app.services.image_service import ImageService
 from app.services.models import EndpointSpec, ModelConfig, load_catalog, parse_endpoint
-from app.services.providers import build_model_provider
+from app.services.providers import comfyui
+from app.services.providers.base import ImageRequest, ProviderRateLimited, ProviderRejected, ProviderUnavailable
+from app.services.providers.comfyui import ComfyUIProvider
+from app.services.providers.comfyui_workflow import Workflow, WorkflowError
+from app.services.providers.factory import build_model_provider, build_provider
+from app.services.providers.failover import Endpoint, FailoverProvider
 from tests.comfyui_server import ComfyUIServer
 from tests.conftest import fresh_redis_url
 from tests.provider_servers import ProviderServer

@@ -11,15 +11,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from app.services.image_service import (
-    Automatic1111Provider,
-    ImageRequest,
-    ImageService,
-    ProceduralProvider,
-    ProviderRejected,
-    ProviderUnavailable,
-    build_provider,
-)
+from app.services.image_service import ImageService
+from app.services.providers.automatic1111 import Automatic1111Provider
+from app.services.providers.base import ImageRequest, ProviderRejected, ProviderUnavailable
+from app.services.providers.factory import build_provider
+from app.services.providers.procedural import ProceduralProvider
 from tests.provider_servers import ProviderServer
 from tests.utils import free_port
 
@@ -95,7 +91,7 @@ async def test_procedural_latency_is_bounded(monkeypatch: pytest.MonkeyPatch) ->
     async def record(seconds: float) -> None:
         slept.append(seconds)
 
-    monkeypatch.setattr("app.services.image_service.asyncio.sleep", record)
+    monkeypatch.setattr("app.services.providers.procedural.asyncio.sleep", record)
     await ProceduralProvider().generate(ImageRequest("x", 1, 64, 64, params={"latency_ms": 1e12}))
     await ProceduralProvider().generate(ImageRequest("x", 1, 64, 64, params={"latency_ms": float("nan")}))
     assert len(slept) == 1 and 59.5 < slept[0] <= 60.0, slept  # capped (less the render); NaN means none

@@ -158,3 +158,14 @@ def test_the_example_catalogue_in_the_readme_loads(monkeypatch: pytest.MonkeyPat
     assert catalog.models["fast"].urls == ("http://gpu-a:8000/v1", "http://gpu-b:8000/v1")
     assert catalog.caps() == {"fast": 16, "quality": 2}
     assert catalog.models["quality"].params["steps"] == 30
+
+
+def test_unknown_provider_kind_is_refused_at_start_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.core.config import Settings
+    from app.services.models import load_catalog
+
+    monkeypatch.delenv("MODELS_FILE", raising=False)
+    with pytest.raises(ValueError, match=r"IMAGE_PROVIDER: unknown provider kind 'dalle' \(known: procedural, openai"):
+        load_catalog(Settings(jwt_secret="s" * 32, image_provider="dalle"))
+    assert load_catalog(Settings(jwt_secret="s" * 32, image_provider="openai", image_provider_url="http://h:1/v1")
+                        ).models["openai"].provider == "openai"

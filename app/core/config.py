@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-ProviderKind = Literal["procedural", "openai", "automatic1111", "comfyui"]
 
 
 class Settings(BaseSettings):
@@ -40,7 +37,7 @@ class Settings(BaseSettings):
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
 
     # Provider (the single default model when no catalogue is configured)
-    image_provider: ProviderKind = "procedural"
+    image_provider: str = "procedural"  # a provider kind, checked when the model catalogue loads
     image_provider_url: str | None = None
     image_provider_api_key: str | None = None
     image_model: str | None = None

@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from app.core.config import Settings
+from app.services.providers.base import ProviderKind
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-PROVIDER_KINDS = ("procedural", "openai", "automatic1111", "comfyui")
 
 
 @dataclass(frozen=True, slots=True)
 class EndpointSpec:
     """One address a model is served from: `[kind+]url[#max=N]`, e.g. `comfyui+http://gpu1:8188#max=2`."""
 
-    kind: str
+    kind: ProviderKind
     url: str
     max_concurrency: int = 0  # within one worker process; 0 = no cap
 
@@ -27,12 +27,10 @@ class EndpointSpec:
 def parse_endpoint(text: str, default_kind: str) -> EndpointSpec:
     """`http://h:8188`, `comfyui+http://h:8188` or `http://h:8188#max=2`; no kind means the model's own."""
     text = text.strip()
-    kind = default_kind
+    kind = ProviderKind.parse(default_kind)
     head, plus, rest = text.partition("+")
     if plus and "://" in rest and "://" not in head:
-        if head not in PROVIDER_KINDS:
-            raise ValueError(f"endpoint {text!r}: unknown provider kind {head!r} (known: {PROVIDER_KINDS})")
-        kind, text = head, rest
+        kind, text = ProviderKind.parse(head, f"endpoint {text!r}"), rest
     url, _, fragment = text.partition("#")
     cap = 0
     for option in filter(None, fragment.split("&")):
@@ -40,7 +38,7 @@ def parse_endpoint(text: str, default_kind: str) -> EndpointSpec:
         if key not in ("max", "max_concurrency") or not value.isdigit():
             raise ValueError(f"endpoint {text!r}: unknown option {option!r} (known: #max=N)")
         cap = int(value)
-    if kind != "procedural" and "://" not in url:
+    if kind != ProviderKind.PROCEDURAL and "://" not in url:
         raise ValueError(f"endpoint {url!r} is not a URL (expected http://host:port)")
     return EndpointSpec(kind, url, cap)
 
@@ -69,7 +67,7 @@ class ModelConfig:
     """One servable model: a provider kind, its endpoint(s), and how hard it may be driven."""
 
     name: str
-    provider: str
+    provider: ProviderKind
     urls: tuple[str, ...] = ()
     api_key: str | None = field(default=None, repr=False)
     provider_model: str | None = None
@@ -113,7 +111,7 @@ def load_catalog(settings: Settings) -> Catalog:
     urls += [u.strip() for u in (settings.image_provider_urls or "").split(",") if u.strip()]
     model = ModelConfig(
         name=_checked_name(name),
-        provider=settings.image_provider,
+        provider=ProviderKind.parse(settings.image_provider, "IMAGE_PROVIDER"),
         urls=tuple(dict.fromkeys(urls)),
         api_key=settings.image_provider_api_key,
         provider_model=settings.image_model,
@@ -143,9 +141,7 @@ def _from_file(path: Path, settings: Settings) -> Catalog:
     default: str | None = None
     for entry in entries:
         name = _checked_name(str(entry["name"]))
-        provider = str(entry.get("provider", "procedural"))
-        if provider not in PROVIDER_KINDS:
-            raise ValueError(f"{path}: model {name!r}: unknown provider {provider!r} (known: {PROVIDER_KINDS})")
+        provider = ProviderKind.parse(entry.get("provider", ProviderKind.PROCEDURAL), f"{path}: model {name!r}")
         urls = [_endpoint_entry(u, provider, f"{path}: model {name!r}") for u in
                 entry.get("urls") or ([entry["url"]] if entry.get("url") else [])]
         key_env = entry.get("api_key_env")
@@ -172,13 +168,11 @@ def _from_file(path: Path, settings: Settings) -> Catalog:
     return Catalog(models, default or next(iter(models)))
 
 
-def _endpoint_entry(entry: Any, provider: str, where: str) -> str:
+def _endpoint_entry(entry: Any, provider: ProviderKind, where: str) -> str:
     """A `urls` item, checked: a string, or a table {url, kind?, max_concurrency?} stored as `kind+url#max=N`."""
     try:
         if isinstance(entry, dict):
-            spec = parse_endpoint(str(entry["url"]), str(entry.get("kind", provider)))
-            if "kind" in entry and spec.kind not in PROVIDER_KINDS:
-                raise ValueError(f"unknown provider kind {spec.kind!r} (known: {PROVIDER_KINDS})")
+            spec = parse_endpoint(str(entry["url"]), ProviderKind.parse(entry.get("kind", provider)))
             cap = int(entry.get("max_concurrency", spec.max_concurrency))
             return format_endpoint(EndpointSpec(spec.kind, spec.url, cap))
         parse_endpoint(str(entry), provider)

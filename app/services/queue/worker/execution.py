@@ -14,13 +14,9 @@ import redis
 
 from app.core.config import Settings
 from app.core.metrics import WorkerMetrics
-from app.services.image_service import (
-    ImageRequest,
-    ImageService,
-    ProviderError,
-    ProviderRejected,
-)
+from app.services.image_service import ImageService
 from app.services.models import Catalog
+from app.services.providers.base import ImageRequest, ProviderError, ProviderRejected
 from app.services.queue.store import Claim, Outcome, QueueStore
 from app.services.queue.worker.reporter import Reporter
 from app.services.queue.worker.slots import Running, Slots

@@ -18,7 +18,7 @@ from app.core.config import Settings
 from app.core.metrics import WorkerMetrics
 from app.services.image_service import ImageService
 from app.services.models import Catalog, ModelConfig
-from app.services.providers import build_model_provider
+from app.services.providers.factory import build_model_provider
 from app.services.queue.store import QueueStore
 from app.services.queue.tickets import Tickets
 from app.services.queue.worker.duties import Duties

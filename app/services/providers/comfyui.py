@@ -1,4 +1,4 @@
-"""ComfyUI: an API-format workflow with placeholders, queued on a ComfyUI server and polled to completion.
+"""ComfyUI: an API-format workflow (see comfyui_workflow.py) queued on a ComfyUI server and polled to completion.
 
 Protocol (ComfyUI's HTTP API as of its 2024-2025 releases): `POST /prompt` queues a graph and answers
 `prompt_id` (or 400 with `error` and `node_errors`); `GET /history/{prompt_id}` is empty until the
@@ -13,157 +13,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from app.services.image_service import (
+from app.services.providers.base import (
     GeneratedImage,
     ImageRequest,
     ProviderError,
+    ProviderKind,
     ProviderRejected,
     ProviderUnavailable,
-    _content_type,
-    _error_text,
-    _HttpProvider,
     provider_params,
 )
+from app.services.providers.comfyui_workflow import Workflow, WorkflowError
+from app.services.providers.http import HttpProvider, content_type, error_text
 
-_PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-_WHOLE = re.compile(r"^\s*\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}\s*$")
 POLL_FAILURES = 5  # consecutive failed /history polls before the image fails (retryably)
 QUEUE_CHECK_SECONDS = 5.0  # how often a prompt missing from /history is looked for in /queue
 INTERRUPT_TIMEOUT_SECONDS = 2.0
 REMEMBERED_PROMPTS = 4096  # request_id -> prompt_id entries kept for cancels; oldest dropped first
 MESSAGE_CHARS = 1000
-
-
-class WorkflowError(ValueError):
-    """The workflow file or its field map cannot be used."""
-
-
-@dataclass(frozen=True, slots=True)
-class Workflow:
-    """An API-format ComfyUI graph with `{{name}}` placeholders and/or explicit `node.inputs.field` targets."""
-
-    graph: dict[str, Any]
-    fields: dict[str, tuple[str, str]]  # value name -> (node id, input name)
-
-    @classmethod
-    def load(cls, path: str | Path, fields: Mapping[str, str] | None = None) -> Workflow:
-        try:
-            graph = json.loads(Path(path).read_text())
-        except OSError as exc:
-            raise WorkflowError(f"cannot read ComfyUI workflow {str(path)!r}: {exc}") from exc
-        except ValueError as exc:
-            raise WorkflowError(f"ComfyUI workflow {str(path)!r} is not JSON: {exc}") from exc
-        return cls.from_graph(graph, fields, source=str(path))
-
-    @classmethod
-    def from_graph(cls, graph: Any, fields: Mapping[str, str] | None = None, *, source: str = "workflow") -> Workflow:
-        if isinstance(graph, dict) and "nodes" in graph and "links" in graph:
-            raise WorkflowError(
-                f"{source} is in ComfyUI's UI format; export it with 'Save (API Format)' instead"
-            )
-        if not isinstance(graph, dict) or not graph:
-            raise WorkflowError(f"{source}: expected an API-format graph: an object of nodes by id")
-        for node_id, node in graph.items():
-            if not isinstance(node, dict) or "class_type" not in node or not isinstance(node.get("inputs"), dict):
-                raise WorkflowError(f"{source}: node {node_id!r} has no class_type and inputs (is it API format?)")
-        targets: dict[str, tuple[str, str]] = {}
-        for name, path in (fields or {}).items():
-            targets[name] = _target(graph, name, path, source)
-        workflow = cls(graph, targets)
-        if "prompt" not in workflow.names():
-            raise WorkflowError(
-                f"{source}: nothing receives the prompt: put \"{{{{prompt}}}}\" in a text input "
-                "or map it with a field such as prompt = \"6.inputs.text\""
-            )
-        return workflow
-
-    def names(self) -> set[str]:
-        """Every value name the workflow asks for, through placeholders or fields."""
-        found: set[str] = set(self.fields)
-        _walk_strings(self.graph, lambda s: found.update(_PLACEHOLDER.findall(s)))
-        return found
-
-    def render(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """A copy of the graph with placeholders and fields filled in; a missing value raises KeyError."""
-        graph = _substitute(self.graph, values)
-        for name, (node_id, input_name) in self.fields.items():
-            graph[node_id]["inputs"][input_name] = values[name]
-        assert isinstance(graph, dict)
-        return graph
-
-
-def parse_fields(spec: str | Mapping[str, str] | None) -> dict[str, str]:
-    """`prompt=6.inputs.text,seed=3.inputs.seed` (the environment form) or a mapping (the catalogue form)."""
-    if not spec:
-        return {}
-    if isinstance(spec, Mapping):
-        return {str(k): str(v) for k, v in spec.items()}
-    out: dict[str, str] = {}
-    for part in spec.split(","):
-        if not part.strip():
-            continue
-        name, sep, path = part.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise WorkflowError(f"COMFYUI_FIELDS entry {part.strip()!r} is not name=node.inputs.field")
-        out[name.strip()] = path.strip()
-    return out
-
-
-def _target(graph: dict[str, Any], name: str, path: str, source: str) -> tuple[str, str]:
-    parts = path.split(".")
-    if len(parts) == 3 and parts[1] == "inputs":
-        node_id, input_name = parts[0], parts[2]
-    elif len(parts) == 2:
-        node_id, input_name = parts
-    else:
-        raise WorkflowError(f"{source}: field {name} = {path!r}: expected node.inputs.field, e.g. 6.inputs.text")
-    node = graph.get(node_id)
-    if node is None:
-        raise WorkflowError(f"{source}: field {name} = {path!r}: there is no node {node_id!r}")
-    if input_name not in node["inputs"]:
-        known = ", ".join(sorted(node["inputs"])) or "none"
-        raise WorkflowError(
-            f"{source}: field {name} = {path!r}: node {node_id} ({node['class_type']}) has no input "
-            f"{input_name!r} (it has: {known})"
-        )
-    return node_id, input_name
-
-
-def _walk_strings(value: Any, visit: Any) -> None:
-    if isinstance(value, str):
-        visit(value)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _walk_strings(v, visit)
-    elif isinstance(value, list):
-        for v in value:
-            _walk_strings(v, visit)
-
-
-def _substitute(value: Any, values: Mapping[str, Any]) -> Any:
-    if isinstance(value, str):
-        whole = _WHOLE.match(value)
-        if whole:
-            return values[whole.group(1)]  # typed: "{{seed}}" becomes the int
-        if "{{" in value:
-            return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), value)
-        return value
-    if isinstance(value, dict):
-        return {k: _substitute(v, values) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_substitute(v, values) for v in value]
-    return value
 
 
 def _clip(text: str) -> str:
@@ -193,7 +66,7 @@ def _validation_text(body: Any) -> str:
     return "; ".join(parts) or json.dumps(body)[:MESSAGE_CHARS]
 
 
-class ComfyUIProvider(_HttpProvider):
+class ComfyUIProvider(HttpProvider):
     """A ComfyUI server running one API-format workflow per image: POST /prompt, poll /history, GET /view."""
 
     name = "comfyui"
@@ -251,7 +124,7 @@ class ComfyUIProvider(_HttpProvider):
 
     # -- steps ------------------------------------------------------------------------------------
     def _values(self, request: ImageRequest) -> dict[str, Any]:
-        allowed = provider_params(request.params, "comfyui")
+        allowed = provider_params(request.params, ProviderKind.COMFYUI)
         values: dict[str, Any] = {k: v for k, v in allowed.items() if isinstance(v, str | int | float | bool)}
         values.update(
             prompt=request.prompt,
@@ -292,7 +165,7 @@ class ComfyUIProvider(_HttpProvider):
         except ValueError:
             answer = None
         if response.status_code >= 400:
-            text = _validation_text(answer) if answer is not None else _error_text(response)
+            text = _validation_text(answer) if answer is not None else error_text(response)
             raise self._error(ProviderRejected, _clip(f"workflow rejected ({response.status_code}): {text}"))
         if not isinstance(answer, dict) or not answer.get("prompt_id"):
             raise self._error(ProviderRejected, f"POST /prompt answered {response.status_code} without a prompt_id")
@@ -336,7 +209,7 @@ class ComfyUIProvider(_HttpProvider):
     async def _history(self, prompt_id: str) -> dict[str, Any] | None:
         response = await self._request("GET", f"/history/{prompt_id}")
         if response.status_code >= 400:
-            raise self._error(ProviderRejected, f"GET /history answered {response.status_code} {_error_text(response)}")
+            raise self._error(ProviderRejected, f"GET /history answered {response.status_code} {error_text(response)}")
         try:
             body = response.json()
         except ValueError:
@@ -379,7 +252,7 @@ class ComfyUIProvider(_HttpProvider):
         data = response.content
         if not data:
             raise self._error(ProviderRejected, f"output {params['filename']!r} is empty")
-        ctype = _content_type(data)
+        ctype = content_type(data)
         if ctype == "application/octet-stream":
             ctype = response.headers.get("content-type", ctype).split(";")[0]
         return GeneratedImage(data, ctype)

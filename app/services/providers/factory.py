@@ -5,17 +5,44 @@ from __future__ import annotations
 import httpx
 
 from app.core.config import Settings
-from app.services.comfyui import ComfyUIProvider, Workflow
-from app.services.failover import Endpoint, FailoverProvider
-from app.services.image_service import ImageProvider, build_provider
 from app.services.models import EndpointSpec, ModelConfig
+from app.services.providers.automatic1111 import Automatic1111Provider
+from app.services.providers.base import ImageProvider, ProviderKind
+from app.services.providers.comfyui import ComfyUIProvider
+from app.services.providers.comfyui_workflow import Workflow
+from app.services.providers.failover import Endpoint, FailoverProvider
+from app.services.providers.openai import OpenAIProvider
+from app.services.providers.procedural import ProceduralProvider
+
+
+def build_provider(
+    kind: str,
+    *,
+    client: httpx.AsyncClient,
+    url: str | None,
+    api_key: str | None,
+    model: str | None,
+    timeout: float,
+    procedural_latency_ms: float = 0.0,
+) -> ImageProvider:
+    """The provider of `kind`, sharing `client` for its HTTP calls (ComfyUI, which needs a workflow,
+    is built by build_model_provider)."""
+    kind = ProviderKind.parse(kind)
+    if kind == ProviderKind.PROCEDURAL:
+        return ProceduralProvider(procedural_latency_ms)
+    if kind == ProviderKind.COMFYUI:
+        raise ValueError("provider 'comfyui' needs a workflow: build it with providers.build_model_provider")
+    if not url:
+        raise ValueError(f"provider {kind.value!r} needs IMAGE_PROVIDER_URL (or a url in the model catalogue)")
+    cls = OpenAIProvider if kind == ProviderKind.OPENAI else Automatic1111Provider
+    return cls(client, url, api_key=api_key, model=model, timeout=timeout)
 
 
 def build_model_provider(model: ModelConfig, *, client: httpx.AsyncClient, settings: Settings) -> ImageProvider:
     """The provider serving `model`, sharing `client`; a FailoverProvider when it has several endpoints or caps."""
     specs = model.endpoints or (EndpointSpec(model.provider, ""),)
     workflow: Workflow | None = None
-    if any(spec.kind == "comfyui" for spec in specs):
+    if any(spec.kind == ProviderKind.COMFYUI for spec in specs):
         if not model.workflow:
             raise ValueError(
                 f"model {model.name!r}: comfyui needs a workflow (COMFYUI_WORKFLOW, or workflow = in the catalogue)"
@@ -37,7 +64,7 @@ def build_model_provider(model: ModelConfig, *, client: httpx.AsyncClient, setti
 def _one(
     spec: EndpointSpec, model: ModelConfig, client: httpx.AsyncClient, settings: Settings, workflow: Workflow | None
 ) -> ImageProvider:
-    if spec.kind == "comfyui":
+    if spec.kind == ProviderKind.COMFYUI:
         assert workflow is not None
         if not spec.url:
             raise ValueError(f"model {model.name!r}: comfyui needs IMAGE_PROVIDER_URL (or a url in the catalogue)")

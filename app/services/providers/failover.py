@@ -16,7 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from app.services.image_service import (
+from app.services.providers.base import (
+    MAX_RETRY_AFTER_SECONDS,
     GeneratedImage,
     ImageProvider,
     ImageRequest,
@@ -26,7 +27,6 @@ from app.services.image_service import (
 )
 
 REMEMBERED_REQUESTS = 4096  # request_id -> endpoint entries kept for cancels; oldest dropped first
-MAX_RATE_LIMIT_REST_SECONDS = 300.0
 
 
 @dataclass(eq=False)
@@ -153,7 +153,7 @@ class FailoverProvider:
         if isinstance(exc, ProviderRateLimited):
             # Alive but busy: rest it for as long as it asked, without counting a failure.
             rest = exc.retry_after if exc.retry_after is not None else 1.0
-            endpoint.resting_until = max(endpoint.resting_until, now + min(rest, MAX_RATE_LIMIT_REST_SECONDS))
+            endpoint.resting_until = max(endpoint.resting_until, now + min(rest, MAX_RETRY_AFTER_SECONDS))
             return
         endpoint.failures += 1
         if endpoint.failures >= self.failure_threshold:
