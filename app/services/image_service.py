@@ -19,8 +19,6 @@ from app.services.providers.base import (
     ImageProvider,
     ImageRequest,
     ProviderError,
-    ProviderRateLimited,
-    ProviderUnavailable,
 )
 
 
@@ -30,14 +28,6 @@ class RateGate(Protocol):
     async def wait(self) -> None: ...
 
     async def defer(self, seconds: float) -> None: ...
-
-
-def _kind(exc: ProviderError) -> str:
-    if isinstance(exc, ProviderRateLimited):
-        return "rate_limited"
-    if isinstance(exc, ProviderUnavailable):
-        return "unavailable"
-    return "rejected"
 
 
 class ImageService:
@@ -71,7 +61,7 @@ class ImageService:
             try:
                 image = await self.provider.generate(request)
             except ProviderError as exc:
-                self._observe(_kind(exc), started)
+                self._observe(exc.kind, started)
                 if not exc.retryable or attempt >= self.max_retries:
                     if attempt:
                         raise type(exc)(
@@ -83,7 +73,7 @@ class ImageService:
                 delay = random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
                 if exc.retry_after is not None:
                     delay = max(delay, min(exc.retry_after, MAX_RETRY_AFTER_SECONDS))
-                if isinstance(exc, ProviderRateLimited) and self.gate is not None:
+                if exc.kind == "rate_limited" and self.gate is not None:  # a 429: every worker waits
                     await self.gate.defer(delay)
                 attempt += 1
                 await self._sleep(delay)

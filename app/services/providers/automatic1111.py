@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from app.services.providers.base import GeneratedImage, ImageRequest, ProviderKind, provider_params
+from app.services.providers.base import GeneratedImage, ImageRequest, ProviderKind, provider_params, request_values
 from app.services.providers.http import HttpProvider
 
 INTERRUPT_TIMEOUT_SECONDS = 5.0
@@ -26,15 +26,7 @@ class Automatic1111Provider(HttpProvider):
 
     async def generate(self, request: ImageRequest) -> GeneratedImage:
         body: dict[str, Any] = provider_params(request.params, ProviderKind.AUTOMATIC1111)
-        body.update(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or "",
-            seed=request.seed,
-            width=request.width,
-            height=request.height,
-            batch_size=1,
-            n_iter=1,
-        )
+        body.update(request_values(request), batch_size=1, n_iter=1)
         model = request.model or self.model
         if model:
             body["override_settings"] = {"sd_model_checkpoint": model}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 
 class ProviderKind(StrEnum):
@@ -50,6 +50,8 @@ class GeneratedImage:
 class ProviderError(Exception):
     """A provider failed; `message` is the provider's own words where it gave any."""
 
+    kind: ClassVar[str] = "rejected"  # the outcome label of metrics
+
     def __init__(self, message: str, *, retryable: bool = False, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -60,9 +62,13 @@ class ProviderError(Exception):
 class ProviderRateLimited(ProviderError):
     """429 from the provider."""
 
+    kind = "rate_limited"
+
 
 class ProviderUnavailable(ProviderError):
     """5xx, timeout or connection failure."""
+
+    kind = "unavailable"
 
 
 class ProviderRejected(ProviderError):
@@ -94,6 +100,17 @@ RESERVED_PARAMS: dict[ProviderKind, frozenset[str]] = {
     }),
     ProviderKind.COMFYUI: frozenset({"prompt", "negative_prompt", "seed", "width", "height", "model"}),
 }
+
+
+def request_values(request: ImageRequest) -> dict[str, Any]:
+    """The request's own fields under the names the A1111 and ComfyUI protocols use."""
+    return {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt or "",
+        "seed": request.seed,
+        "width": request.width,
+        "height": request.height,
+    }
 
 
 def provider_params(params: Mapping[str, Any], kind: ProviderKind) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from app.services.providers.base import (
     ProviderRejected,
     ProviderUnavailable,
     provider_params,
+    request_values,
 )
 from app.services.providers.comfyui_workflow import Workflow, WorkflowError
 from app.services.providers.http import HttpProvider, content_type, error_text
@@ -126,13 +127,7 @@ class ComfyUIProvider(HttpProvider):
     def _values(self, request: ImageRequest) -> dict[str, Any]:
         allowed = provider_params(request.params, ProviderKind.COMFYUI)
         values: dict[str, Any] = {k: v for k, v in allowed.items() if isinstance(v, str | int | float | bool)}
-        values.update(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or "",
-            seed=request.seed,
-            width=request.width,
-            height=request.height,
-        )
+        values.update(request_values(request))
         if request.model or self.model:
             values["model"] = request.model or self.model
         return values
