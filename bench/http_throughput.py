@@ -1,0 +1,101 @@
+"""Benchmark: images/s through the service against an OpenAI-protocol server over HTTP, against
+that server driven alone by one plain async httpx client in the same run.
+
+python -m bench.http_throughput [--latency-ms 50] [--concurrency 32] [--images 1000] [--size 64]
+
+The server (bench.openai_server) runs in its own process on loopback. The baseline sends the same
+requests with N in flight and decodes each answer (JSON, base64), as any client must; the service
+runs one worker with --concurrency=N and the `openai` provider pointed at the same server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import subprocess
+import sys
+import time
+
+import httpx
+
+from bench.common import ROOT, auth, free_port_proc, new_user, private_redis, report, stack, wait_done, wait_until
+
+
+def provider_alone(url: str, images: int, concurrency: int, size: int) -> float:
+    async def run() -> float:
+        async with httpx.AsyncClient(base_url=url, timeout=120,
+                                     limits=httpx.Limits(max_connections=concurrency)) as client:
+            slots = asyncio.Semaphore(concurrency)
+
+            async def one(i: int) -> None:
+                async with slots:
+                    r = await client.post("/images/generations", json={
+                        "prompt": f"benchmark {i}", "n": 1, "size": f"{size}x{size}", "response_format": "b64_json"})
+                    r.raise_for_status()
+                    base64.b64decode(r.json()["data"][0]["b64_json"])
+
+            await asyncio.gather(*(one(i) for i in range(min(images, 4 * concurrency))))  # warm-up
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one(i) for i in range(images)))
+            return images / (time.perf_counter() - t0)
+
+    return asyncio.run(run())
+
+
+def through_service(base: str, images: int, size: int, per_prompt: int = 100) -> float:
+    headers = auth(new_user())
+    with httpx.Client(base_url=base, timeout=120) as client:
+        t0 = time.perf_counter()
+        r = client.post("/create-queue", headers=headers, json={
+            "prompts": [f"benchmark {i}" for i in range(max(1, images // per_prompt))],
+            "count": min(images, per_prompt), "width": size, "height": size})
+        r.raise_for_status()
+        done = wait_done(client, headers, r.json()["queue_id"])
+        elapsed = time.perf_counter() - t0
+    assert done["succeeded"] == done["total"], done
+    return int(done["total"]) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--latency-ms", type=float, default=50)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--photo", action="store_true", help="photo-like images (large PNGs)")
+    args = parser.parse_args()
+    n, lat = args.concurrency, args.latency_ms
+    port = free_port_proc()
+    server = subprocess.Popen([sys.executable, "-m", "bench.openai_server", "--port", str(port),
+                               "--latency-ms", str(lat), *(["--photo"] if args.photo else [])], cwd=ROOT)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        wait_until(lambda: _answers(url), 20, what="OpenAI-protocol server")
+        kind = "photo-like" if args.photo else "flat"
+        print(f"# http throughput: openai protocol over loopback, {args.size}x{args.size} {kind} PNGs, "
+              f"L={lat:g} ms, N={n}, {args.images} images", flush=True)
+        with private_redis() as redis_server, stack(
+            redis_server.url, workers=1, concurrency=n, IMAGE_PROVIDER="openai", IMAGE_PROVIDER_URL=url,
+            IMAGE_MODEL="bench", MAX_IMAGES_PER_QUEUE=100_000,
+        ) as (base, _):
+            through_service(base, min(4 * n, args.images), args.size)  # warm-up
+            service = through_service(base, args.images, args.size)
+        alone = provider_alone(url, args.images, n, args.size)
+        ideal = n / (lat / 1000)
+        report("provider alone (one async httpx client, N in flight)", alone, "img/s", "", ideal, "ideal N/L")
+        report("imagequeue W=1 vs the provider alone", service, "img/s", ">= 0.95", alone, "provider alone")
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.post(url + "/images/generations", json={"size": "8x8"}, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+if __name__ == "__main__":
+    main()
