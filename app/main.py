@@ -9,7 +9,7 @@ from pathlib import Path
 
 import redis
 import redis.asyncio
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from redis.asyncio.retry import Retry as AsyncRetry
@@ -89,7 +89,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    raise _TooLarge(self.max_bytes)
             return message
 
         try:
@@ -98,12 +98,20 @@ class BodySizeLimit:
             await self._reject(scope, receive, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse({"detail": f"request body larger than {self.max_bytes} bytes"}, status_code=413)
+        response = JSONResponse({"detail": _too_large(self.max_bytes)}, status_code=413)
         await response(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+def _too_large(max_bytes: int) -> str:
+    return f"request body larger than {max_bytes} bytes"
+
+
+class _TooLarge(HTTPException):
+    """Raised while the body is read (a chunked body has no Content-Length to check first). An
+    HTTPException, because FastAPI turns any other error met reading the body into a 400."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(status_code=413, detail=_too_large(max_bytes))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

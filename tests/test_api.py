@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import httpx
@@ -147,6 +148,52 @@ def test_oversized_body_is_413(client: httpx.Client) -> None:
         **auth(new_user()), "Content-Type": "application/json"})
     assert r.status_code == 413
     assert "detail" in r.json()
+
+
+def test_oversized_chunked_body_is_413(client: httpx.Client) -> None:
+    """Without Content-Length the limit is found while reading: still a 413, not a parse error."""
+    def chunks() -> Iterator[bytes]:
+        yield b'{"prompts": ["'
+        for _ in range(40):
+            yield b"a" * 65_536
+        yield b'"]}'
+
+    r = client.post("/create-queue", content=chunks(), headers={**auth(new_user()), "Content-Type": "application/json"})
+    assert r.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.request.headers
+    assert r.status_code == 413, r.text
+    assert "larger than" in r.json()["detail"]
+
+
+def test_lone_surrogate_in_any_create_field_is_422(client: httpx.Client) -> None:
+    """A lone surrogate escape is valid JSON but not text: each field that carries text refuses it clearly."""
+    headers = {**auth(new_user()), "Content-Type": "application/json"}
+    bodies = {
+        "prompts": '"prompts": ["a \\ud800 fox"]',
+        "prompt": '"prompt": "a {c} \\udfff", "variables": {"c": ["red"]}',
+        "variable value": '"prompt": "a {c}", "variables": {"c": ["r\\ud83d"]}',
+        "variable name": '"prompt": "a {c}", "variables": {"c": ["red"], "\\ud800": ["x"]}',
+        "negative_prompt": '"prompts": ["a"], "negative_prompt": "\\ud800"',
+        "params value": '"prompts": ["a"], "params": {"style": ["\\ud800"]}',
+        "params key": '"prompts": ["a"], "params": {"\\udc00": 1}',
+        "name": '"prompts": ["a"], "name": "\\ud800"',
+        "tags": '"prompts": ["a"], "tags": ["ok", "\\ud800"]',
+        "model": '"prompts": ["a"], "model": "\\ud800"',
+        "webhook_url": '"prompts": ["a"], "webhook_url": "https://example.com/\\ud800"',
+        "webhook_events": '"prompts": ["a"], "webhook_events": ["\\ud800"]',
+    }
+    for what, body in bodies.items():
+        r = client.post("/create-queue", content=f'{{{body}, "width": 64, "height": 64}}'.encode(), headers=headers)
+        assert r.status_code == 422, (what, r.status_code, r.text)
+        detail = r.json()["detail"]
+        assert isinstance(detail, list) and "surrogate" in detail[0]["msg"], (what, detail)
+    r = client.post("/generate", content=b'{"prompt": "\\ud800", "width": 64, "height": 64}', headers=headers)
+    assert r.status_code == 422, r.text
+    # A surrogate pair is ordinary text (an emoji) and is accepted.
+    emoji = b'{"prompts": ["a \\ud83e\\udd8a"], "width": 64, "height": 64}'
+    r = client.post("/create-queue", content=emoji, headers=headers)
+    assert r.status_code == 201, r.text
+    assert r.json()["images"][0]["prompt"] == "a \U0001f98a"
+    wait_status(client, headers, r.json()["queue_id"], {"completed"})
 
 
 def test_unknown_and_foreign_queues_are_404(client: httpx.Client) -> None:

@@ -123,3 +123,25 @@ def test_user_stream_carries_events_of_all_queues(client: httpx.Client) -> None:
                 if finals == {first, second}:
                     break
     assert finals == {first, second}
+
+
+def test_event_ids_beyond_64_bits_are_refused_before_the_stream_starts(client: httpx.Client) -> None:
+    """Stream ids are two unsigned 64-bit numbers: a larger one is a 422 up front, never a broken stream."""
+    headers = auth(new_user())
+    qid = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "width": 64,
+                                                              "height": 64}).json()["queue_id"]
+    wait_status(client, headers, qid, {"completed"})
+    too_big = [f"{2**64}-0", f"0-{2**64}", "99999999999999999999-1", "not-an-id", "1-2-3"]
+    for path in (f"/queue-events/{qid}", "/events"):
+        for bad in too_big:
+            for how in ({"headers": {**headers, "Last-Event-ID": bad}},
+                        {"headers": headers, "params": {"last_event_id": bad}}):
+                r = client.get(path, timeout=10, **how)  # type: ignore[arg-type]
+                assert r.status_code == 422, (path, bad, r.status_code, r.text[:200])
+                assert "event id" in r.json()["detail"][0]["msg"]
+    # The largest id there is still works: nothing comes after it, so the stream waits (read one ping's worth).
+    top = f"{2**64 - 1}-{2**64 - 1}"
+    with client.stream("GET", "/events", headers={**headers, "Last-Event-ID": top}, timeout=10) as response:
+        assert response.status_code == 200
+    events = read_sse(client, f"/queue-events/{qid}", {**headers, "Last-Event-ID": "0"})
+    assert events[-1]["event"] == "end"

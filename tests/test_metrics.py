@@ -67,3 +67,23 @@ def test_metrics_count_a_batch(redis_server: RedisServer) -> None:
     assert worker_samples["imagequeue_provider_errors_total{kind=rejected,model=procedural}"] == 1
     assert worker_samples["imagequeue_provider_request_duration_seconds_count{model=procedural,outcome=ok}"] == 6
     assert re.search(r"imagequeue_worker_images_in_flight 0", worker_text)
+
+
+def test_metrics_token_guards_metrics_while_ready_stays_open(redis_server: RedisServer) -> None:
+    env = service_env(fresh_redis_url(redis_server), METRICS_TOKEN="scrape-token-0123456789")
+    api, base = start_api(env)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic c2NyYXBlOng="},
+                            auth(new_user())):  # a user's JWT is not the scrape token either
+                refused = client.get("/metrics", headers=headers)
+                assert refused.status_code == 401, headers
+                assert refused.headers["www-authenticate"] == "Bearer" and refused.json()["detail"]
+                assert "imagequeue_" not in refused.text
+            scraped = client.get("/metrics", headers={"Authorization": "Bearer scrape-token-0123456789"})
+            assert scraped.status_code == 200
+            assert any(k.startswith("imagequeue_workers") for k in samples(scraped.text))
+            assert client.get("/ready").json() == {"ready": True}  # orchestrators call it without a token
+            assert client.get("/health").status_code == 200
+    finally:
+        api.stop()

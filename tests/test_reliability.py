@@ -190,7 +190,8 @@ def test_worker_started_before_redis_waits_for_it_and_stops_cleanly(tmp_path: Pa
     early = start_worker(env, "--concurrency=2", name="early")
     idle = start_worker(env, "--concurrency=2", name="idle")
     try:
-        time.sleep(2)
+        # Both up and waiting for Redis (on a loaded machine the interpreter alone may take seconds to start).
+        wait_until(lambda: all("lost Redis" in w.output() for w in (early, idle)), 30, what="workers waiting")
         assert early.proc.poll() is None and idle.proc.poll() is None, early.output()
         idle.signal(signal.SIGTERM)  # a stop while Redis is still away is still a clean stop
         assert idle.proc.wait(15) == 0, idle.output()

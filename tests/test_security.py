@@ -115,3 +115,15 @@ def test_signed_urls_and_stream_tokens_are_bound_and_expire() -> None:
                                      sign_image(settings, "q" * 32, 3, 1, int(time.time()) - 1))
     with pytest.raises(Unauthorized):
         verify_stream_token(settings, f"{exp}.{'A' * 43}.alice")
+
+
+def test_configured_audience_requires_the_claim() -> None:
+    """python-jose skips the audience check when the token has no `aud`: such a token is refused."""
+    settings = Settings(_env_file=None, jwt_secret="s" * 32, jwt_audience="imagequeue")
+    assert verify_token(settings, jwt.encode(_claims(aud="imagequeue"), "s" * 32, algorithm="HS256")).id == "alice"
+    with pytest.raises(Unauthorized, match="aud"):
+        verify_token(settings, jwt.encode(_claims(), "s" * 32, algorithm="HS256"))
+    # Without a configured audience, tokens with or without one are accepted as before.
+    open_settings = Settings(_env_file=None, jwt_secret="s" * 32)
+    for claims in (_claims(), _claims(aud="anything")):
+        assert verify_token(open_settings, jwt.encode(claims, "s" * 32, algorithm="HS256")).id == "alice"

@@ -150,3 +150,22 @@ def test_deliveries_go_to_the_address_that_was_checked() -> None:
     assert ext == {"sni_hostname": "hooks.example.com"}  # the certificate is still checked against the name
     url, host, ext = _pinned("http://hooks.example.com", ipaddress.ip_address("2001:db8::1"))
     assert url == "http://[2001:db8::1]/" and host == "hooks.example.com" and ext == {}
+
+
+def test_webhook_address_check_allows_only_global_addresses() -> None:
+    """Checked as a function (tests send traffic only to loopback): anything not globally routable is refused,
+    including carrier-grade NAT, multicast and IPv6 forms that embed a private IPv4 address."""
+    import ipaddress
+
+    from app.services.queue.webhooks import webhook_address_allowed
+
+    refused = ["100.64.0.1", "100.127.255.254", "10.0.0.1", "172.16.5.4", "192.168.1.1", "127.0.0.1", "0.0.0.0",
+               "169.254.169.254", "192.0.0.8", "192.0.2.1", "198.18.0.1", "198.51.100.7", "203.0.113.9",
+               "224.0.0.251", "239.255.255.250", "240.0.0.1", "255.255.255.255",
+               "::1", "::", "fe80::1", "fc00::1", "fd12:3456::1", "ff02::1", "2001:db8::1", "64:ff9b:1::1",
+               "64:ff9b::a00:1", "::ffff:127.0.0.1", "::ffff:100.64.0.1", "::ffff:169.254.169.254", "2002:a9fe:a9fe::1",
+               "2001:0:4136:e378:8000:63bf:3fff:fdd2"]
+    for text in refused:
+        assert not webhook_address_allowed(ipaddress.ip_address(text)), text
+    for text in ("93.184.216.34", "8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:93.184.216.34"):
+        assert webhook_address_allowed(ipaddress.ip_address(text)), text

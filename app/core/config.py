@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     # Ops
     log_level: str = "INFO"
     log_prompts: bool = False  # put prompts on the workers' per-image log lines
+    metrics_token: str | None = None  # when set, GET /metrics needs it as a bearer token
 
     def check_auth(self) -> None:
         """Refuses an unsafe token configuration (ValueError). The API checks it at start; workers,

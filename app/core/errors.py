@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 import redis.exceptions
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 log = logging.getLogger("imagequeue.api")
@@ -61,7 +65,22 @@ class ServiceUnavailable(ImageQueueError):
     status_code = 503
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that renders whatever text it holds: an error may echo input that is not valid Unicode
+    (a lone surrogate), which plain UTF-8 encoding refuses; then such characters go out as JSON escapes."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return SafeJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
     @app.exception_handler(ImageQueueError)
     async def _domain(_: Request, exc: ImageQueueError) -> JSONResponse:
         headers: dict[str, str] = {}
@@ -74,7 +93,7 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["WWW-Authenticate"] = "Bearer"
         if isinstance(exc, ServiceUnavailable):
             headers["Retry-After"] = str(REDIS_RETRY_AFTER_SECONDS)
-        return JSONResponse(body, status_code=exc.status_code, headers=headers)
+        return SafeJSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)

@@ -60,7 +60,14 @@ def verify_token(settings: Settings, token: str) -> User:
             algorithms=[alg],
             audience=settings.jwt_audience,
             issuer=settings.jwt_issuer,
-            options={"require_exp": True, "require_sub": True, "verify_aud": settings.jwt_audience is not None},
+            options={
+                "require_exp": True,
+                "require_sub": True,
+                "verify_aud": settings.jwt_audience is not None,
+                # python-jose checks `aud` only when the token has one: a configured audience must be present.
+                "require_aud": settings.jwt_audience is not None,
+                "require_iss": settings.jwt_issuer is not None,
+            },
         )
     except jwt.ExpiredSignatureError as exc:
         raise Unauthorized("token expired") from exc

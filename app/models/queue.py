@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from app.services.queue.states import ImageStatus, Priority, QueueState, WebhookEvent
 
 MAX_SEED = 2**53
+
+
+def _valid_text(value: str) -> str:
+    """JSON can carry a lone surrogate escape ("\\ud800"), which no UTF-8 text holds: refused here, so it
+    never reaches Redis (whose client would fail to encode it) or a provider."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"text holds a lone surrogate ({value[exc.start]!r} at position {exc.start}); send valid Unicode"
+        ) from None
+    return value
+
+
+def _valid_json_text(value: Any) -> Any:
+    """Every key and string inside a JSON value, as _valid_text."""
+    if isinstance(value, str):
+        return _valid_text(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _valid_text(key)
+            _valid_json_text(item)
+    elif isinstance(value, list):
+        for item in value:
+            _valid_json_text(item)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_text)]
+Params = Annotated[dict[str, Any], AfterValidator(_valid_json_text)]
 
 _CREATE_EXAMPLE: dict[str, Any] = {
     "prompt": "a {colour} {animal}, watercolour",
@@ -30,21 +60,21 @@ class CreateQueueRequest(BaseModel):
         json_schema_extra={"examples": [_CREATE_EXAMPLE, {"prompts": ["a red fox", "a blue owl"], "count": 3}]}
     )
 
-    prompts: list[str] | None = Field(default=None, description="Prompts, one image set each")
-    prompt: str | None = Field(default=None, description="Template with {name} placeholders")
-    variables: dict[str, list[str]] | None = Field(default=None, description="Values per placeholder")
+    prompts: list[Text] | None = Field(default=None, description="Prompts, one image set each")
+    prompt: Text | None = Field(default=None, description="Template with {name} placeholders")
+    variables: dict[Text, list[Text]] | None = Field(default=None, description="Values per placeholder")
     count: int = Field(default=1, ge=1, strict=True, description="Images per prompt")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True, description="Image i gets seed + i")
     width: int = Field(default=1024, ge=64, strict=True)
     height: int = Field(default=1024, ge=64, strict=True)
-    negative_prompt: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict, description="Passed through to the provider")
+    negative_prompt: Text | None = None
+    params: Params = Field(default_factory=dict, description="Passed through to the provider")
     priority: Priority = Priority.NORMAL
-    model: str | None = Field(default=None, description="One of GET /models; null means the default")
-    name: str | None = Field(default=None, max_length=200)
-    tags: list[str] = Field(default_factory=list)
-    webhook_url: str | None = Field(default=None, description="POSTed on start, per image and on completion")
-    webhook_events: list[str] | None = Field(
+    model: Text | None = Field(default=None, description="One of GET /models; null means the default")
+    name: Text | None = Field(default=None, max_length=200)
+    tags: list[Text] = Field(default_factory=list)
+    webhook_url: Text | None = Field(default=None, description="POSTed on start, per image and on completion")
+    webhook_events: list[Text] | None = Field(
         default=None, description=f"Subset of {', '.join(WebhookEvent)} (default: all)"
     )
 
@@ -64,13 +94,13 @@ class GenerateRequest(BaseModel):
         json_schema_extra={"examples": [{"prompt": "a lighthouse at dusk", "seed": 7, "width": 512, "height": 512}]}
     )
 
-    prompt: str
+    prompt: Text
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True)
     width: int = Field(default=1024, ge=64, strict=True)
     height: int = Field(default=1024, ge=64, strict=True)
-    negative_prompt: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    model: str | None = None
+    negative_prompt: Text | None = None
+    params: Params = Field(default_factory=dict)
+    model: Text | None = None
 
 
 class RetryRequest(BaseModel):

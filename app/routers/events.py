@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.core.errors import NotFound, Unauthorized
+from app.core.errors import NotFound, Unauthorized, Unprocessable
 from app.core.security import (
     CurrentUser,
     User,
@@ -30,7 +30,8 @@ router = APIRouter(tags=["events"], responses=COMMON_RESPONSES)
 BLOCK_MS = 1000
 PING_SECONDS = 15
 STREAM_TOKEN_TTL_SECONDS = 300
-_EVENT_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_EVENT_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+MAX_ID_PART = 2**64 - 1  # a Redis stream id is two unsigned 64-bit numbers
 
 
 async def _user(request: Request, token: str | None) -> User:
@@ -83,16 +84,21 @@ async def _stream(request: Request, key: str, after: str, *, until_final: bool) 
                     return
 
 
-def _after(last_event_id: str | None) -> str:
-    if last_event_id and _EVENT_ID.match(last_event_id):
-        return last_event_id
-    return "0-0"
-
-
 def _resume_from(header: str | None, query: str | None) -> str | None:
     """The Last-Event-ID header (EventSource's own reconnects), else `last_event_id` in the query (a new
-    EventSource, which cannot set headers, resuming where an earlier one stopped)."""
-    return header or query
+    EventSource, which cannot set headers, resuming where an earlier one stopped). Checked here, before
+    the response starts: Redis refuses an id it cannot parse only once the stream is under way."""
+    for value, loc in ((header, ("header", "Last-Event-ID")), (query, ("query", "last_event_id"))):
+        if value:
+            if not _valid_event_id(value):
+                raise Unprocessable(f"{loc[1]} must be an event id as a stream sent it: <ms>-<seq>, each part "
+                                    f"at most {MAX_ID_PART}", loc)
+            return value
+    return None
+
+
+def _valid_event_id(value: str) -> bool:
+    return bool(_EVENT_ID.match(value)) and all(int(part) <= MAX_ID_PART for part in value.split("-"))
 
 
 @router.get("/queue-events/{queue_id}", response_class=EventSourceResponse)
@@ -112,7 +118,7 @@ async def queue_events(
     if meta is None or meta.get("uk") != user_key(user.id):
         raise NotFound("queue not found")
     key = service.store.queue_events_key(queue_id)
-    after = _after(_resume_from(last_event_id, resume))
+    after = _resume_from(last_event_id, resume) or "0-0"
     return EventSourceResponse(_stream(request, key, after, until_final=True), ping=PING_SECONDS)
 
 
@@ -127,10 +133,7 @@ async def user_events(
     """Every event of all the user's queues, live (from Last-Event-ID when reconnecting)."""
     user = await _user(request, token)
     key = service.store.user_events_key(user_key(user.id))
-    since = _resume_from(last_event_id, resume)
-    if since:
-        after = _after(since)
-    else:
-        # From now on: resolved here, before the response starts, so an unreachable Redis is a 503.
-        after = await service.store.newest_event_id(key)
+    # Without a resume point, from now on: resolved here, before the response starts, so an unreachable
+    # Redis is a 503.
+    after = _resume_from(last_event_id, resume) or await service.store.newest_event_id(key)
     return EventSourceResponse(_stream(request, key, after, until_final=False), ping=PING_SECONDS)

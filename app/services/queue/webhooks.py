@@ -7,8 +7,9 @@ POSTed in order: `queue.started`, `image.finished` and `queue.finished`. Each PO
 
 Non-2xx answers and timeouts are retried with exponential backoff for up to WEBHOOK_MAX_RETRY_SECONDS
 (an hour by default); after that the event is dropped and counted. Delivery state is kept in the
-queue (`webhook.deliveries` in its status). URLs that resolve to private, loopback or link-local
-addresses are refused unless WEBHOOK_ALLOW_PRIVATE is set.
+queue (`webhook.deliveries` in its status). URLs that resolve to any address that is not globally
+routable (private, loopback, link-local, carrier-grade NAT, multicast, reserved) are refused unless
+WEBHOOK_ALLOW_PRIVATE is set.
 """
 
 from __future__ import annotations
@@ -68,8 +69,26 @@ def _resolve(host: str) -> list[Address]:
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
 
 
-def _private(address: Address) -> bool:
-    return address.is_private or address.is_loopback or address.is_link_local or address.is_reserved
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # well-known NAT64 prefix: the last 32 bits are an IPv4 address
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # local-use NAT64 (RFC 8215): a private network's
+# Not globally reachable per IANA, but `is_global` on older Pythons (before 3.12.4) misses it.
+_IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
+
+
+def webhook_address_allowed(address: Address) -> bool:
+    """Only globally routable unicast addresses: not private, loopback, link-local, carrier-grade NAT
+    (100.64.0.0/10), documentation, benchmarking, reserved or multicast, nor an IPv6 form that embeds
+    such an IPv4 address (mapped, 6to4, Teredo, NAT64)."""
+    if address.is_multicast or not address.is_global or address in _IETF_PROTOCOL:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL:
+            return False
+        embedded = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
+        if address in _NAT64:
+            embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF))
+        return all(webhook_address_allowed(v4) for v4 in embedded if v4 is not None)
+    return True
 
 
 def _pinned(url: str, address: Address) -> tuple[str, str, dict[str, Any]]:
@@ -122,7 +141,7 @@ class WebhookDispatcher:
         url = config["url"]
         host = urlsplit(url).hostname or ""
         addresses = await asyncio.to_thread(_resolve, host)
-        if not self.allow_private and any(_private(a) for a in addresses):
+        if not self.allow_private and not all(webhook_address_allowed(a) for a in addresses):
             state.update(last_error=f"refused: {host} resolves to a private address", gave_up=True)
             events = await self.store.events_after(queue_id, cursor, 10_000)
             cursor = events[-1][0] if events else cursor
