@@ -56,6 +56,15 @@ class Settings(BaseSettings):
     comfyui_poll_seconds: float = Field(default=0.5, gt=0)  # /history polling interval
     comfyui_prompt_timeout_seconds: float = Field(default=600.0, gt=0)  # queue wait + run time of one prompt
 
+    # Image store (where image bytes live; Redis keeps only each image's record)
+    image_store: str | None = None  # file:///abs/dir | s3://bucket/prefix | redis; default: .data/images
+    s3_endpoint_url: str | None = None  # for stores other than AWS, e.g. http://127.0.0.1:8333
+    s3_public_url: str | None = None  # the endpoint as browsers reach it: image URLs redirect to presigned GETs
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = None
+    aws_region: str | None = None
+    image_store_retry_seconds: float = Field(default=120.0, gt=0)  # upload retries before the image fails
+
     # Limits
     max_prompt_length: int = Field(default=2000, ge=1)
     max_prompts: int = Field(default=1000, ge=1)

@@ -1,0 +1,90 @@
+"""Output formats and thumbnails: what is stored for one generated image.
+
+CPU-bound (Pillow), so callers run `encode` in a thread (`encode_async`), never on the event loop.
+The default keeps the provider's PNG byte for byte (no decode for the image itself); only the
+thumbnail needs the pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+OutputFormat = Literal["png", "webp", "jpeg"]
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+DEFAULT_QUALITY = 90  # for webp and jpeg when the request names none
+THUMBNAIL_PX = 256  # longest side
+THUMBNAIL_QUALITY = 75
+MAX_PIXELS = 64 * 1024 * 1024  # far past any configurable size: a provider's answer beyond it is refused
+
+
+class ImageUnreadable(ValueError):
+    """The provider's bytes are not an image Pillow can read."""
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    data: bytes
+    content_type: str
+    width: int
+    height: int
+    thumbnail: bytes | None  # a WebP of at most THUMBNAIL_PX on its longest side
+
+
+def encode(
+    data: bytes, output_format: OutputFormat = "png", quality: int | None = None, *, thumbnail: bool = True
+) -> EncodedImage:
+    """The image in `output_format` (the provider's bytes as they are when already in that format,
+    unless a lossy quality was asked for), its size and, with `thumbnail`, a small WebP of it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            width, height = im.size
+            if width * height > MAX_PIXELS:
+                raise ImageUnreadable(f"the provider's image is too large ({width}x{height})")
+            source = (im.format or "").lower()
+            keep = source == output_format and (output_format == "png" or quality is None)
+            out, content_type = data, CONTENT_TYPES[output_format]
+            if not keep:
+                im.load()
+                out = _save(im, output_format, quality or DEFAULT_QUALITY)
+            thumb = _thumbnail(im) if thumbnail else None
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as exc:
+        raise ImageUnreadable(f"the provider's image could not be read: {exc}") from exc
+    return EncodedImage(out, content_type, width, height, thumb)
+
+
+async def encode_async(
+    data: bytes, output_format: OutputFormat = "png", quality: int | None = None, *, thumbnail: bool = True
+) -> EncodedImage:
+    return await asyncio.to_thread(encode, data, output_format, quality, thumbnail=thumbnail)
+
+
+def _save(im: Image.Image, fmt: OutputFormat, quality: int) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "png":
+        im.save(buf, "PNG", compress_level=6)
+    elif fmt == "jpeg":
+        im.convert("RGB").save(buf, "JPEG", quality=quality, optimize=False)
+    else:
+        im = im if im.mode in ("RGB", "RGBA") else im.convert("RGBA" if "A" in im.getbands() else "RGB")
+        im.save(buf, "WEBP", quality=quality, method=4)
+    return buf.getvalue()
+
+
+def _thumbnail(im: ImageFile.ImageFile) -> bytes:
+    small: Image.Image = im if im.tile else im.copy()  # unloaded: decode straight into the small copy
+    # Before the pixels are loaded, thumbnail() can have the decoder scale down (JPEG draft mode).
+    small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.BICUBIC, reducing_gap=2.0)
+    if small.mode not in ("RGB", "RGBA"):
+        small = small.convert("RGBA" if "A" in small.getbands() else "RGB")
+    buf = io.BytesIO()
+    small.save(buf, "WEBP", quality=THUMBNAIL_QUALITY, method=4)
+    return buf.getvalue()

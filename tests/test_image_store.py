@@ -1,0 +1,312 @@
+"""The image store's contract, kept by every backend: a real directory, a real SeaweedFS (S3), a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis.asyncio
+from PIL import Image
+
+from app.core.config import Settings
+from app.services.images import (
+    ImageStore,
+    ImageUnreadable,
+    ObjectMissing,
+    RangeNotSatisfiable,
+    StoreUnavailable,
+    StoreUnreachable,
+    encode_async,
+    image_key,
+    open_store,
+    parse_range,
+    put_retrying,
+    queue_prefix,
+    thumbnail_key,
+)
+from app.services.images.factory import DEFAULT_DIRECTORY
+from app.services.images.file import FileStore
+from app.services.images.redis import RedisStore
+from app.services.images.s3 import S3Store
+from tests.seaweedfs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedServer
+from tests.utils import DATABASES, RedisServer, free_port
+
+BUCKET = "imagequeue-test"
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    server = SeaweedServer(Path(tmp_path_factory.mktemp("seaweedfs"))).start()
+    server.create_bucket(BUCKET)
+    yield server
+    server.stop()
+
+
+def s3_store(server: SeaweedServer, prefix: str, *, public: bool = True, endpoint: str | None = None,
+             secret: str = SECRET_ACCESS_KEY) -> S3Store:
+    return S3Store(f"s3://{BUCKET}/{prefix}", endpoint_url=endpoint or server.endpoint,
+                   public_url=server.endpoint if public else None, access_key_id=ACCESS_KEY_ID,
+                   secret_access_key=secret)
+
+
+@pytest.fixture(params=["file", "s3", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ImageStore]:
+    if request.param == "file":
+        yield FileStore(tmp_path / "images")
+    elif request.param == "s3":
+        yield s3_store(request.getfixturevalue("seaweedfs"), f"contract-{uuid.uuid4().hex[:8]}")
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        client = redis.asyncio.Redis(port=server.port, db=DATABASES - 1)
+        yield RedisStore(client, max_age_seconds=600)
+        await client.aclose()
+
+
+def queue_id() -> str:
+    return uuid.uuid4().hex
+
+
+async def test_an_object_reads_back_whole_in_chunks_and_by_range(store: ImageStore) -> None:
+    data = os.urandom(700_000)
+    key = image_key(queue_id(), 3, 1, "image/png")
+    stored = await store.put(key, data, "image/png")
+    assert (stored.key, stored.size, stored.content_type) == (key, len(data), "image/png")
+    assert stored.etag
+
+    assert await store.get(key) == data
+    stream = await store.open(key)
+    assert (stream.size, stream.start, stream.stop, stream.content_type) == (len(data), 0, len(data), "image/png")
+    assert stream.etag and not stream.partial
+    chunks = [c async for c in stream.chunks]
+    await stream.aclose()
+    assert b"".join(chunks) == data
+    if store.kind != "redis":  # Redis hands a value over whole; the others stream it
+        assert len(chunks) > 1
+
+    for header, expected in (("bytes=0-9", data[:10]), ("bytes=699990-", data[699_990:]),
+                             ("bytes=-5", data[-5:]), ("bytes=100-2000000", data[100:])):
+        byte_range = parse_range(header, len(data))
+        part = await store.open(key, byte_range)
+        assert part.partial and part.size == len(data)
+        assert await part.read() == expected, header
+
+
+async def test_missing_objects_say_so_and_deleting_them_is_no_error(store: ImageStore) -> None:
+    key = image_key(queue_id(), 0, 1, "image/png")
+    assert not await store.exists(key)
+    with pytest.raises(ObjectMissing):
+        await store.open(key)
+    with pytest.raises(ObjectMissing):
+        await store.get(key)
+    await store.delete([key])
+    await store.put(key, b"x" * 10, "image/png")
+    assert await store.exists(key)
+    await store.delete([key])
+    assert not await store.exists(key)
+
+
+async def test_deleting_a_queue_prefix_removes_its_objects_and_nothing_else(store: ImageStore) -> None:
+    q1, q2 = queue_id(), queue_id()
+    keys = [image_key(q1, i, 1, "image/webp") for i in range(3)] + [thumbnail_key(q1, 0, 1)]
+    for key in keys:
+        await store.put(key, b"img " + key.encode(), "image/webp")
+    other = image_key(q2, 0, 1, "image/webp")
+    await store.put(other, b"other", "image/webp")
+
+    assert await store.delete_prefix(queue_prefix(q1)) == len(keys)
+    for key in keys:
+        assert not await store.exists(key)
+    assert await store.get(other) == b"other"
+    assert await store.delete_prefix(queue_prefix(q1)) == 0
+
+
+async def test_keys_that_could_escape_the_store_are_refused(store: ImageStore) -> None:
+    for bad in ("../etc/passwd", "/abs/key", "a//b", "a/./b", "a/../b", ".hidden", "", "a b", "q/" + "x" * 600):
+        with pytest.raises(ValueError):
+            await store.put(bad, b"x", "image/png")
+    with pytest.raises(ValueError):
+        await store.delete_prefix("no-trailing-slash")
+    with pytest.raises(ValueError):
+        await store.delete_prefix("/")
+
+
+async def test_every_client_of_one_store_sees_the_same_identity(
+    store: ImageStore, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    first = await store.identity()
+    assert first == await store.identity()
+    await store.check()
+    if isinstance(store, FileStore):
+        assert await FileStore(store.root).identity() == first
+        assert await FileStore(tmp_path / "elsewhere").identity() != first
+    elif isinstance(store, S3Store):
+        server = request.getfixturevalue("seaweedfs")
+        # The same bucket and prefix through another name of the endpoint is the same store.
+        again = s3_store(server, store.prefix, endpoint=server.endpoint.replace("127.0.0.1", "localhost"))
+        assert await again.identity() == first
+        assert await s3_store(server, store.prefix + "-other").identity() != first
+
+
+async def test_presigned_urls_serve_the_object_without_credentials(store: ImageStore) -> None:
+    key = image_key(queue_id(), 1, 2, "image/jpeg")
+    await store.put(key, b"\xff\xd8 jpeg bytes", "image/jpeg")
+    url = await store.presigned_url(key, 60)
+    if store.kind != "s3":
+        assert url is None  # the API streams these itself
+        return
+    assert url is not None and "X-Amz-Signature=" in url
+    async with httpx.AsyncClient() as client:
+        r = await client.get(url)
+        assert r.status_code == 200 and r.content == b"\xff\xd8 jpeg bytes"
+        assert r.headers["content-type"] == "image/jpeg"
+        tampered = url.replace(key, image_key(queue_id(), 1, 2, "image/jpeg"))
+        assert (await client.get(tampered)).status_code == 403
+
+
+async def test_an_s3_store_without_a_public_url_hands_out_no_presigned_urls(seaweedfs: SeaweedServer) -> None:
+    store = s3_store(seaweedfs, "private", public=False)
+    key = image_key(queue_id(), 0, 1, "image/png")
+    await store.put(key, b"png", "image/png")
+    assert await store.presigned_url(key, 60) is None
+
+
+async def test_wrong_s3_credentials_fail_with_the_stores_words(seaweedfs: SeaweedServer) -> None:
+    store = s3_store(seaweedfs, "creds", secret="not-the-secret")
+    with pytest.raises(StoreUnavailable, match=r"writing 'q/0-1.png' in s3://imagequeue-test/creds at http://.*403"):
+        await store.put("q/0-1.png", b"png", "image/png")
+    with pytest.raises(StoreUnavailable, match="403"):
+        await store.check()
+
+
+async def test_file_writes_are_atomic_and_leave_no_temporary_files(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "images")
+    qid = queue_id()
+    for i in range(5):
+        await store.put(image_key(qid, i, 1, "image/png"), os.urandom(50_000), "image/png")
+    names = sorted(p.name for p in (tmp_path / "images" / qid).iterdir())
+    assert names == [f"{i}-1.png" for i in range(5)]
+    # A write that cannot finish leaves no partial file behind under the key.
+    blocker = tmp_path / "images" / "blocked"
+    blocker.write_text("a file where a directory should be")
+    with pytest.raises(StoreUnavailable):
+        await store.put("blocked/0-1.png", b"x", "image/png")
+    assert blocker.read_text().startswith("a file")
+
+
+async def test_file_etag_changes_with_the_content(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    await store.put("q/a.png", b"one", "image/png")
+    first = (await store.open("q/a.png"))
+    await first.aclose()
+    time.sleep(0.01)
+    await store.put("q/a.png", b"two!", "image/png")
+    second = await store.open("q/a.png")
+    await second.aclose()
+    assert first.etag != second.etag
+
+
+async def test_unreachable_stores_are_reported_quickly() -> None:
+    dead = S3Store("s3://nowhere/x", endpoint_url=f"http://127.0.0.1:{free_port()}", access_key_id="a",
+                   secret_access_key="b")
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="nowhere"):
+        await dead.check()
+    assert time.monotonic() - started < 15
+    with pytest.raises(StoreUnreachable, match=r"^image store unreachable: writing 'q/0-1.png' in s3://nowhere/x"):
+        await put_retrying(dead, "q/0-1.png", b"x", "image/png", give_up_after=1.0)
+
+
+async def test_file_store_on_an_unusable_path_fails_its_check(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(StoreUnavailable, match="cannot use"):
+        await FileStore(tmp_path / "file" / "images").check()
+
+
+async def test_an_upload_waits_out_a_store_that_is_down_and_then_lands(seaweedfs: SeaweedServer) -> None:
+    store = s3_store(seaweedfs, "retry")
+    key = image_key(queue_id(), 0, 1, "image/png")
+    retries: list[str] = []
+    seaweedfs.kill()
+    try:
+        upload = asyncio.create_task(put_retrying(store, key, b"survives" * 1000, "image/png", give_up_after=90,
+                                                  on_retry=lambda n, e: retries.append(e.message)))
+        await asyncio.sleep(2)
+        assert not upload.done() and retries
+    finally:
+        await asyncio.to_thread(seaweedfs.start)
+    stored = await upload
+    assert stored.size == 8000
+    assert await store.get(key) == b"survives" * 1000
+
+
+# -- encoding -----------------------------------------------------------------------------------
+def picture(width: int, height: int, mode: str = "RGB", fmt: str = "PNG") -> bytes:
+    im = Image.linear_gradient("L").resize((width, height)).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, fmt)
+    return buf.getvalue()
+
+
+async def test_png_output_keeps_the_providers_bytes_and_adds_a_webp_thumbnail() -> None:
+    data = picture(1024, 768)
+    out = await encode_async(data)
+    assert out.data is data and out.content_type == "image/png" and (out.width, out.height) == (1024, 768)
+    assert out.thumbnail is not None
+    thumb = Image.open(io.BytesIO(out.thumbnail))
+    assert thumb.format == "WEBP" and thumb.size == (256, 192)
+
+
+async def test_lossy_outputs_convert_with_the_quality_asked_for() -> None:
+    data = picture(512, 512, "RGBA")
+    low, high = await encode_async(data, "jpeg", 20), await encode_async(data, "jpeg", 95)
+    assert low.content_type == "image/jpeg" and Image.open(io.BytesIO(low.data)).format == "JPEG"
+    assert len(low.data) < len(high.data)
+    webp = await encode_async(data, "webp", 80, thumbnail=False)
+    assert webp.content_type == "image/webp" and webp.thumbnail is None
+    assert Image.open(io.BytesIO(webp.data)).size == (512, 512)
+    jpeg_in = picture(300, 200, fmt="JPEG")
+    as_png = await encode_async(jpeg_in, "png")
+    assert Image.open(io.BytesIO(as_png.data)).format == "PNG" and (as_png.width, as_png.height) == (300, 200)
+    assert (await encode_async(jpeg_in, "jpeg")).data is jpeg_in  # same format, no quality asked: kept
+
+
+async def test_bytes_that_are_no_image_are_refused() -> None:
+    with pytest.raises(ImageUnreadable, match="could not be read"):
+        await encode_async(b"<html>502 Bad Gateway</html>")
+
+
+# -- ranges and configuration -------------------------------------------------------------------
+def test_range_headers() -> None:
+    assert parse_range(None, 100) is None
+    assert parse_range("bytes=0-0", 100) == (0, 1)
+    assert parse_range("bytes=10-", 100) == (10, 100)
+    assert parse_range("bytes=-10", 100) == (90, 100)
+    assert parse_range("bytes=-500", 100) == (0, 100)
+    assert parse_range("bytes=50-20", 100) is None  # malformed: served whole
+    assert parse_range("bytes=0-1,5-6", 100) is None  # several ranges: served whole
+    assert parse_range("items=0-1", 100) is None
+    assert parse_range("bytes=abc", 100) is None
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range("bytes=100-", 100)
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range("bytes=-0", 100)
+
+
+def test_image_store_setting_picks_the_backend() -> None:
+    client = redis.asyncio.Redis()
+    assert isinstance(open_store(Settings(image_store="redis"), client), RedisStore)
+    default = open_store(Settings(image_store=None), client)
+    assert isinstance(default, FileStore) and default.root == DEFAULT_DIRECTORY
+    assert DEFAULT_DIRECTORY.parent.name == ".data"
+    s3 = open_store(Settings(image_store="s3://bucket/some/prefix", s3_endpoint_url="http://127.0.0.1:1"), client)
+    assert isinstance(s3, S3Store) and (s3.bucket, s3.prefix) == ("bucket", "some/prefix")
+    for bad in ("file://relative/dir", "file://host/dir", "ftp://x", "s3://", "/plain/path"):
+        with pytest.raises(ValueError, match="IMAGE_STORE="):
+            open_store(Settings(image_store=bad), client)
