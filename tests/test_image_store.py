@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import time
 import uuid
@@ -35,6 +36,7 @@ from app.services.images.factory import DEFAULT_DIRECTORY
 from app.services.images.file import FileStore
 from app.services.images.redis import RedisStore
 from app.services.images.s3 import S3Store
+from app.services.images.saving import save_image
 from tests.seaweedfs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedServer
 from tests.utils import DATABASES, RedisServer, free_port
 
@@ -310,3 +312,18 @@ def test_image_store_setting_picks_the_backend() -> None:
     for bad in ("file://relative/dir", "file://host/dir", "ftp://x", "s3://", "/plain/path"):
         with pytest.raises(ValueError, match="IMAGE_STORE="):
             open_store(Settings(image_store=bad), client)
+
+
+async def test_a_saved_image_is_described_by_a_small_record(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    qid = queue_id()
+    data = picture(1024, 1024)
+    saved = await save_image(store, store_id=await store.identity(), queue_id=qid, index=7, attempt=2, data=data,
+                             output_format="webp", quality=80, give_up_after=5)
+    assert saved.key == f"{qid}/7-2.webp" and saved.thumbnail_key == f"{qid}/7-2.thumb.webp"
+    assert (saved.width, saved.height, saved.content_type) == (1024, 1024, "image/webp")
+    assert saved.size == len(await store.get(saved.key))
+    record = json.dumps(saved.record())
+    assert len(record) < 300, record  # whatever the image's size
+    thumb = Image.open(io.BytesIO(await store.get(f"{qid}/7-2.thumb.webp")))
+    assert thumb.format == "WEBP" and max(thumb.size) == 256
