@@ -15,6 +15,7 @@ import redis
 import redis.asyncio
 
 from app.core.config import Settings
+from app.services.queue.states import QueueState
 from app.services.queue.store import CANCEL_CHANNEL, QueueStore
 from app.services.queue.tickets import Tickets
 from app.services.queue.webhooks import WebhookDispatcher
@@ -134,7 +135,7 @@ class Duties:
             except redis.RedisError:
                 continue
             for qid, status in statuses.items():
-                if status in ("cancelled", None):
+                if status in (QueueState.CANCELLED, None):
                     self.slots.cancel_queue(qid)
 
     async def cancel_listen(self) -> None:

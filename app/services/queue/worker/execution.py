@@ -17,7 +17,8 @@ from app.core.metrics import WorkerMetrics
 from app.services.image_service import ImageService
 from app.services.models import Catalog
 from app.services.providers.base import ImageRequest, ProviderError, ProviderRejected
-from app.services.queue.store import Claim, Outcome, QueueStore
+from app.services.queue.states import Discarded, Outcome
+from app.services.queue.store import Claim, QueueStore
 from app.services.queue.worker.reporter import Reporter
 from app.services.queue.worker.slots import Running, Slots
 
@@ -164,7 +165,7 @@ class Execution:
                 "status": outcome.value,
                 "seconds": seconds,
                 "error": error or None,
-                **({"discarded": result} if result in ("stale", "gone") else {}),
+                **({"discarded": result} if result in tuple(Discarded) else {}),
             },
         )
 

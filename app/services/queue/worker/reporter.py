@@ -8,7 +8,8 @@ import logging
 import redis
 
 from app.core.config import Settings
-from app.services.queue.store import Claim, Outcome, QueueStore, Report
+from app.services.queue.states import Outcome
+from app.services.queue.store import Claim, QueueStore, Report
 
 log = logging.getLogger("imagequeue.worker")
 
