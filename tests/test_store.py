@@ -9,7 +9,17 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from app.services.queue.store import Outcome, QueueStore
+from app.services.queue.states import Discarded, Outcome, Priority
+from app.services.queue.store import (
+    LUA_DIR,
+    PREFIX,
+    THROUGHPUT_BUCKET_MS,
+    THROUGHPUT_BUCKET_TTL_SECONDS,
+    THROUGHPUT_WINDOW_BUCKETS,
+    USER_EVENTS_MAXLEN,
+    QueueStore,
+    lua_preamble,
+)
 from tests.conftest import fresh_redis_url
 from tests.utils import RedisServer
 
@@ -116,3 +126,20 @@ async def test_finished_queue_keys_expire_with_the_ttl(store: QueueStore) -> Non
     await store.complete(claim, Outcome.SUCCEEDED, ttl=60, user_ttl=120, blob=b"x", content_type="image/png")
     for suffix in ("", ":spec", ":img", ":blob", ":ev"):
         assert 0 < await store.redis.ttl("iq:q:{q}" + suffix) <= 60, suffix
+
+
+async def test_scripts_see_the_python_definitions(store: QueueStore) -> None:
+    probe = "return {P, USER_EVENTS_MAXLEN, THROUGHPUT_BUCKET_MS, PRIORITIES, Outcome.REQUEUE, Discarded.STALE}"
+    seen = await store.redis.eval(lua_preamble() + probe, 0)
+    priorities = [p.value.encode() for p in Priority]  # in serving order
+    assert seen == [PREFIX.encode(), USER_EVENTS_MAXLEN, THROUGHPUT_BUCKET_MS, priorities,
+                    Outcome.REQUEUE.encode(), Discarded.STALE.encode()]
+
+
+def test_lua_spells_no_shared_constant_by_hand() -> None:
+    for path in LUA_DIR.glob("*.lua"):
+        text = path.read_text()
+        assert PREFIX not in text and str(USER_EVENTS_MAXLEN) not in text, path.name
+        assert str(THROUGHPUT_BUCKET_MS) not in text and str(THROUGHPUT_BUCKET_TTL_SECONDS) not in text, path.name
+    # A throughput bucket lives at least as long as the window that reads it.
+    assert THROUGHPUT_BUCKET_TTL_SECONDS * 1000 > (THROUGHPUT_WINDOW_BUCKETS + 1) * THROUGHPUT_BUCKET_MS

@@ -3,17 +3,45 @@
 Pending images are never stored one by one: a queue keeps a cursor over its images, and an image
 gets a record only once a worker claims it. A queue therefore costs a few hundred bytes whatever its
 size until its images run. Every state change that touches counts goes through one Lua script, so
-the five counts always add up to `total`. See store.lua for the key layout.
+the five counts always add up to `total`. The scripts are in lua/, one file per group; their
+shared constants are generated from the definitions below (see _lua_constants).
+
+Key layout (every key imagequeue writes; {qid} in braces is the queue's id, {uk} a user_key()):
+  iq:q:{qid}                 hash    queue meta and the five counts
+  iq:q:{qid}:spec            string  immutable JSON spec (prompts, params, ...)
+  iq:q:{qid}:img             hash    index -> JSON record of an image that has left "never claimed"
+  iq:q:{qid}:retry           list    indexes to claim before the cursor (re-queued images)
+  iq:q:{qid}:blob            hash    index -> image bytes
+  iq:q:{qid}:ev              stream  the queue's events
+  iq:u:{uk}:active / :hist   zset    the user's queue ids, unfinished / finished
+  iq:u:{uk}:ev               stream  the user's events (capped at USER_EVENTS_MAXLEN)
+  iq:u:{uk}:stats            hash    the user's claimable images ("pending")
+  iq:s:{model}:{prio}        zset    ring of users with claimable work (score = last served)
+  iq:s:{model}:{prio}:{uk}   zset    ring of that user's queues
+  iq:seq                     int     the rings' serving order
+  iq:pend:{model}            hash    priority -> claimable images
+  iq:inflight                hash    model -> images being generated
+  iq:leases                  zset    "qid|index" -> lease expiry (ms)
+  iq:backoff:{model}         string  present while a provider asked everyone to wait
+  iq:tp:{model}:{bucket}     int     completions in a THROUGHPUT_BUCKET_MS bucket
+  iq:stats                   hash    terminal status -> images ever finished so (for metrics)
+  iq:wh:due                  zset    queue id -> when its webhook deliveries are next due (ms)
+  iq:health:{model}          hash    the provider's last success and last error, as workers saw them
+  iq:workers                 zset    worker name -> heartbeat expiry (ms); iq:w:{name} its JSON info
+  iq:idem:{uk}:{sha256}      string  an Idempotency-Key's queue id and request fingerprint
+  iq:cancel                  pub/sub channel of cancelled queue ids
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +61,19 @@ from app.services.queue.states import (
 )
 
 PREFIX = "iq:"
+QUEUE_KEY_SUFFIXES = ("", ":spec", ":img", ":retry", ":blob", ":ev")  # a queue's keys share its lifetime
+USER_KEY_SUFFIXES = (":active", ":hist", ":ev", ":stats")
 LEASES_KEY = PREFIX + "leases"
 INFLIGHT_KEY = PREFIX + "inflight"
 WORKERS_KEY = PREFIX + "workers"
 STATS_KEY = PREFIX + "stats"
+SEQ_KEY = PREFIX + "seq"
+WEBHOOKS_DUE_KEY = PREFIX + "wh:due"
 CANCEL_CHANNEL = PREFIX + "cancel"
 USER_EVENTS_MAXLEN = 10_000
 THROUGHPUT_BUCKET_MS = 10_000
 THROUGHPUT_WINDOW_BUCKETS = 6
+THROUGHPUT_BUCKET_TTL_SECONDS = 120  # outlives the window of THROUGHPUT_WINDOW_BUCKETS buckets
 REAP_BATCH = 200
 PROVIDER_HEALTH_TTL_SECONDS = 3600
 
@@ -66,16 +99,65 @@ def _user(uk: str, suffix: str) -> str:
     return f"{PREFIX}u:{uk}:{suffix}"
 
 
-def _load_scripts() -> tuple[str, dict[str, str]]:
-    text = (Path(__file__).with_name("store.lua")).read_text()
-    parts = re.split(r"^-- @(preamble|script \w+)$", text, flags=re.MULTILINE)
-    preamble, bodies = "", {}
-    for marker, body in zip(parts[1::2], parts[2::2], strict=True):
-        if marker == "preamble":
-            preamble = body
-        else:
-            bodies[marker.split()[1]] = body
-    return preamble, bodies
+LUA_DIR = Path(__file__).with_name("lua")
+LUA_FILES = ("create", "claim", "settle", "lifecycle", "webhooks", "summary")  # besides preamble.lua
+
+
+def _lua_constants() -> dict[str, Any]:
+    """What the scripts share with Python: generated into their preamble under these names."""
+    return {
+        "P": PREFIX,
+        "QUEUE_KEY_SUFFIXES": QUEUE_KEY_SUFFIXES,
+        "USER_KEY_SUFFIXES": USER_KEY_SUFFIXES,
+        "LEASES_KEY": LEASES_KEY,
+        "INFLIGHT_KEY": INFLIGHT_KEY,
+        "STATS_KEY": STATS_KEY,
+        "SEQ_KEY": SEQ_KEY,
+        "WEBHOOKS_DUE_KEY": WEBHOOKS_DUE_KEY,
+        "CANCEL_CHANNEL": CANCEL_CHANNEL,
+        "USER_EVENTS_MAXLEN": USER_EVENTS_MAXLEN,
+        "THROUGHPUT_BUCKET_MS": THROUGHPUT_BUCKET_MS,
+        "THROUGHPUT_BUCKET_TTL_SECONDS": THROUGHPUT_BUCKET_TTL_SECONDS,
+        "PRIORITIES": tuple(Priority),  # in serving order
+        **{
+            enum.__name__: enum
+            for enum in (ImageStatus, QueueState, Outcome, CreateOutcome, CancelOutcome, RetryOutcome,
+                         DeleteOutcome, Discarded)
+        },
+    }
+
+
+def _lua_literal(value: Any) -> str:
+    if isinstance(value, type) and issubclass(value, StrEnum):
+        return "{" + ", ".join(f"{m.name} = {_lua_literal(m.value)}" for m in value) + "}"
+    if isinstance(value, tuple):
+        return "{" + ", ".join(_lua_literal(v) for v in value) + "}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+    raise TypeError(f"no Lua literal for {value!r}")
+
+
+def lua_preamble() -> str:
+    """The head of every script: the generated constants, then lua/preamble.lua."""
+    lines = ["-- Generated by store.py from its Python definitions."]
+    lines += [f"local {name} = {_lua_literal(value)}" for name, value in _lua_constants().items()]
+    return "\n".join(lines) + "\n" + (LUA_DIR / "preamble.lua").read_text()
+
+
+@functools.cache
+def lua_scripts() -> dict[str, str]:
+    """Each script's full source: the preamble, the head of its file (what precedes the first
+    "-- @script NAME" marker), then its own section."""
+    preamble, scripts = lua_preamble(), {}
+    for group in LUA_FILES:
+        head, *sections = re.split(r"^-- @script (\w+)$", (LUA_DIR / f"{group}.lua").read_text(), flags=re.MULTILINE)
+        for name, body in zip(sections[::2], sections[1::2], strict=True):
+            if name in scripts:
+                raise ValueError(f"Lua script {name!r} defined twice")
+            scripts[name] = f"{preamble}\n-- {group}.lua\n{head}\n-- @script {name}{body}"
+    return scripts
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +201,8 @@ class QueueStore:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
-        preamble, bodies = _load_scripts()
         self._scripts: dict[str, AsyncScript] = {
-            name: redis.register_script(preamble + "\n" + body) for name, body in bodies.items()
+            name: redis.register_script(source) for name, source in lua_scripts().items()
         }
 
     async def _run(self, name: str, *args: Any) -> Any:

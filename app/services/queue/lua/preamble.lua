@@ -1,0 +1,121 @@
+-- Shared by every script. Each script is loaded as: the constants store.py generates from its
+-- Python definitions (P, PRIORITIES, the key names, ImageStatus, QueueState, Outcome, ...), then
+-- this file, then the head of its own file (before the first "-- @script"), then its section.
+-- The key layout is documented once, in store.py.
+
+local function qkey(qid) return P .. 'q:{' .. qid .. '}' end
+local function ukey(uk) return P .. 'u:' .. uk end
+local function ring(model, prio) return P .. 's:' .. model .. ':' .. prio end
+local function uring(model, prio, uk) return ring(model, prio) .. ':' .. uk end
+local function pend_key(model) return P .. 'pend:' .. model end
+local function tp_key(model, bucket) return P .. 'tp:' .. model .. ':' .. bucket end
+
+local function meta(q)
+  local v = redis.call('HMGET', q, 'uk', 'model', 'priority', 'status', 'total', 'pending', 'running',
+    'succeeded', 'failed', 'cancelled', 'finished_at', 'cursor', 'cut')
+  if not v[1] then return nil end
+  return {uk = v[1], model = v[2], priority = v[3], status = v[4], total = tonumber(v[5]),
+    pending = tonumber(v[6]), running = tonumber(v[7]), succeeded = tonumber(v[8]),
+    failed = tonumber(v[9]), cancelled = tonumber(v[10]), finished_at = v[11],
+    cursor = tonumber(v[12]), cut = v[13]}
+end
+
+local function counts_of(q)
+  local v = redis.call('HMGET', q, 'status', 'total', 'pending', 'running', 'succeeded', 'failed', 'cancelled')
+  return {status = v[1], total = tonumber(v[2]), pending = tonumber(v[3]), running = tonumber(v[4]),
+    succeeded = tonumber(v[5]), failed = tonumber(v[6]), cancelled = tonumber(v[7])}
+end
+
+local function emit(qid, uk, ev, now)
+  ev.queue_id = qid
+  ev.ts = now
+  local c = counts_of(qkey(qid))
+  ev.queue_status = c.status
+  c.status = nil
+  ev.counts = c
+  local data = cjson.encode(ev)
+  local q = qkey(qid)
+  local id = redis.call('XADD', q .. ':ev', '*', 'd', data)
+  if redis.call('HEXISTS', q, 'webhook') == 1 then redis.call('ZADD', WEBHOOKS_DUE_KEY, 'NX', ev.ts, qid) end
+  redis.call('XADD', ukey(uk) .. ':ev', 'MAXLEN', '~', USER_EVENTS_MAXLEN, '*', 'q', qid, 'i', id, 'd', data)
+end
+
+-- A member joining a ring goes to its front: a user who had nothing waiting is served next, so
+-- a small batch starts within one image of any other user's big one (then takes its turn).
+local function ring_join(key, member)
+  if redis.call('ZSCORE', key, member) then return end
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  local score = first[2] and (tonumber(first[2]) - 1) or redis.call('INCR', SEQ_KEY)
+  redis.call('ZADD', key, score, member)
+end
+
+local function sched_add(qid, uk, model, prio)
+  ring_join(uring(model, prio, uk), qid)
+  ring_join(ring(model, prio), uk)
+end
+
+local function sched_remove(qid, uk, model, prio)
+  local ur = uring(model, prio, uk)
+  redis.call('ZREM', ur, qid)
+  if redis.call('ZCARD', ur) == 0 then redis.call('ZREM', ring(model, prio), uk) end
+end
+
+-- HINCRBY that skips zero: Lua renders -0 as "-0", which Redis rejects as a non-integer.
+local function incr(key, fieldname, delta)
+  if delta ~= 0 then redis.call('HINCRBY', key, fieldname, delta) end
+end
+
+local function add_pending(m, delta)
+  if delta == 0 then return end
+  redis.call('HINCRBY', pend_key(m.model), m.priority, delta)
+  redis.call('HINCRBY', ukey(m.uk) .. ':stats', 'pending', delta)
+end
+
+local function set_ttl(qid, ttl)
+  local q = qkey(qid)
+  for _, s in ipairs(QUEUE_KEY_SUFFIXES) do redis.call('EXPIRE', q .. s, ttl) end
+end
+
+local function set_user_ttl(uk, ttl)
+  local u = ukey(uk)
+  for _, s in ipairs(USER_KEY_SUFFIXES) do redis.call('EXPIRE', u .. s, ttl) end
+end
+
+local function finalize_if_done(qid, now, ttl, user_ttl)
+  local q = qkey(qid)
+  local m = meta(q)
+  if m.pending > 0 or m.running > 0 or m.finished_at then return m.status end
+  local status = m.status
+  if status ~= QueueState.CANCELLED then
+    if m.succeeded > 0 then status = QueueState.COMPLETED
+    elseif m.failed > 0 then status = QueueState.FAILED
+    else status = QueueState.CANCELLED end
+  end
+  redis.call('HSET', q, 'status', status, 'finished_at', now)
+  set_ttl(qid, ttl)
+  local u = ukey(m.uk)
+  redis.call('ZREM', u .. ':active', qid)
+  redis.call('ZADD', u .. ':hist', now, qid)
+  set_user_ttl(m.uk, user_ttl)
+  emit(qid, m.uk, {type = 'queue', status = status, final = true}, now)
+  return status
+end
+
+local function get_rec(q, idx)
+  local raw = redis.call('HGET', q .. ':img', idx)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+-- A queue's side keys are created lazily; give each the queue's own remaining lifetime.
+local function touch(q, key)
+  if redis.call('TTL', key) == -1 then
+    local t = redis.call('TTL', q)
+    if t > 0 then redis.call('EXPIRE', key, t) end
+  end
+end
+
+local function put_rec(q, idx, rec)
+  redis.call('HSET', q .. ':img', idx, cjson.encode(rec))
+  touch(q, q .. ':img')
+end
