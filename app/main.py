@@ -133,7 +133,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return f"/images/{queue_id}/{index}?exp={exp}&sig={sign_image(settings, queue_id, index, attempt, exp)}"
 
         job_timeout = int(settings.worker_ticket_seconds + settings.worker_grace_seconds + 60)
-        app.state.redis = async_client
         app.state.queue_service = QueueService(store, Tickets(sync_client, job_timeout), settings, catalog, image_url)
         app.state.fleet = FleetService(store, catalog)
         log.info("api ready: models %s, redis %s", ", ".join(catalog.models), _redacted(settings.effective_redis_url))

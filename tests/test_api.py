@@ -99,6 +99,26 @@ def test_image_url_access_rules(client: httpx.Client) -> None:
     assert client.get(f"/images/{qid}/1", headers=owner).status_code == 404
 
 
+def test_image_route_authorises_before_telling_whether_an_image_exists(client: httpx.Client) -> None:
+    owner = auth(new_user())
+    qid = create(client, owner, prompts=["x"], width=64, height=64).json()["queue_id"]
+    signed = wait_status(client, owner, qid, {"completed"})["images"][0]["url"]
+    unknown = "0123456789abcdef0123456789abcdef"
+    places = [f"/images/{qid}/0", f"/images/{qid}/1", f"/images/{unknown}/0", "/images/not-a-queue/0"]
+    for path in places:  # no credentials: the same 401, whether the image exists or not
+        r = client.get(path)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (path, r.text)
+    # A signature that does not fit answers alike for the image that exists and for those that do not.
+    query = signed.split("?", 1)[1]
+    forged = f"exp={int(time.time()) + 600}&sig=" + "A" * 43
+    answers = {(r.status_code, r.text) for r in (
+        *(client.get(f"{path}?{forged}") for path in places),
+        *(client.get(f"{path}?{query}") for path in places[1:]),  # image 0's signature elsewhere
+    )}
+    assert answers == {(404, '{"detail":"image not found (or the link expired)"}')}
+    assert client.get(signed).status_code == 200
+
+
 def test_template_expands_as_cartesian_product(client: httpx.Client) -> None:
     headers = auth(new_user())
     r = create(client, headers, prompt="a {colour} {animal}", variables={"colour": ["red", "blue"],

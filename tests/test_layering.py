@@ -59,3 +59,10 @@ def test_models_import_only_the_state_vocabulary() -> None:
 def test_states_is_a_leaf() -> None:
     path = APP / "services" / "queue" / "states.py"
     assert {m for m in _imports(path) if m.startswith("app")} == set()
+
+
+def test_routers_reach_redis_only_through_services() -> None:
+    assert _offending("routers", "app.services.queue.store") == {}
+    assert _offending("routers", "redis") == {}
+    touching = [p.name for p in _files("routers") if "state.redis" in p.read_text() or ".store" in p.read_text()]
+    assert touching == []

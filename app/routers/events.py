@@ -4,30 +4,27 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.core.errors import NotFound, Unauthorized, Unprocessable
+from app.core.errors import Unauthorized, Unprocessable
 from app.core.security import (
     CurrentUser,
     User,
     bearer_scheme,
-    sign_image,
-    signature_expiry,
     stream_token,
     user_from_credentials,
     verify_stream_token,
 )
 from app.routers.deps import COMMON_RESPONSES, AppSettings, Service
-from app.services.queue.queue_service import valid_queue_id
-from app.services.queue.store import user_key
+from app.services.queue.queue_service import QueueEvent
 
 router = APIRouter(tags=["events"], responses=COMMON_RESPONSES)
 
-BLOCK_MS = 1000
 PING_SECONDS = 15
 STREAM_TOKEN_TTL_SECONDS = 300
 _EVENT_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
@@ -54,34 +51,18 @@ async def new_stream_token(user: CurrentUser, settings: AppSettings) -> dict[str
     }
 
 
-def _decorate(request: Request, data: dict[str, Any]) -> dict[str, Any]:
-    if data.get("type") == "image" and data.get("status") == "succeeded":
-        settings = request.app.state.settings
-        qid, idx = data["queue_id"], int(data["index"])
-        attempt = int(data.get("attempt", 0))
-        if attempt:
-            exp = signature_expiry(settings)
-            sig = sign_image(settings, qid, idx, attempt, exp)
-            data["url"] = f"/images/{qid}/{idx}?exp={exp}&sig={sig}"
-    return data
-
-
-async def _stream(request: Request, key: str, after: str, *, until_final: bool) -> AsyncIterator[ServerSentEvent]:
-    redis = request.app.state.redis
-    last = after
-    while True:
-        if await request.is_disconnected():
-            return
-        batch = await redis.xread({key: last}, block=BLOCK_MS, count=500)
-        for _, entries in batch:
-            for entry_id, fields in entries:
-                last = entry_id.decode()
-                raw = fields[b"d"]
-                data = _decorate(request, json.loads(raw))
-                yield ServerSentEvent(data=json.dumps(data), event=data.get("type", "message"), id=last)
-                if until_final and data.get("final"):
-                    yield ServerSentEvent(data=json.dumps({"queue_id": data["queue_id"]}), event="end")
-                    return
+async def _stream(
+    request: Request, batches: AsyncGenerator[list[QueueEvent], None], *, end: dict[str, str] | None
+) -> AsyncIterator[ServerSentEvent]:
+    """The events as SSE; `end` is sent after a queue's final event."""
+    async with aclosing(batches):
+        async for batch in batches:
+            for event in batch:
+                yield ServerSentEvent(data=json.dumps(event.data), event=event.type, id=event.id)
+            if await request.is_disconnected():
+                return
+    if end is not None:
+        yield ServerSentEvent(data=json.dumps(end), event="end")
 
 
 def _resume_from(header: str | None, query: str | None) -> str | None:
@@ -112,14 +93,8 @@ async def queue_events(
 ) -> EventSourceResponse:
     """The queue's events from the start (or after Last-Event-ID), then live, ending with the final one."""
     user = await _user(request, token)
-    if not valid_queue_id(queue_id):
-        raise NotFound("queue not found")
-    meta = await service.store.meta(queue_id)
-    if meta is None or meta.get("uk") != user_key(user.id):
-        raise NotFound("queue not found")
-    key = service.store.queue_events_key(queue_id)
-    after = _resume_from(last_event_id, resume) or "0-0"
-    return EventSourceResponse(_stream(request, key, after, until_final=True), ping=PING_SECONDS)
+    batches = await service.events(user.id, queue_id, _resume_from(last_event_id, resume))
+    return EventSourceResponse(_stream(request, batches, end={"queue_id": queue_id}), ping=PING_SECONDS)
 
 
 @router.get("/events", response_class=EventSourceResponse)
@@ -132,8 +107,7 @@ async def user_events(
 ) -> EventSourceResponse:
     """Every event of all the user's queues, live (from Last-Event-ID when reconnecting)."""
     user = await _user(request, token)
-    key = service.store.user_events_key(user_key(user.id))
-    # Without a resume point, from now on: resolved here, before the response starts, so an unreachable
-    # Redis is a 503.
-    after = _resume_from(last_event_id, resume) or await service.store.newest_event_id(key)
-    return EventSourceResponse(_stream(request, key, after, until_final=False), ping=PING_SECONDS)
+    # Without a resume point, from now on: resolved before the response starts, so an unreachable Redis
+    # is a 503.
+    batches = await service.events(user.id, None, _resume_from(last_event_id, resume))
+    return EventSourceResponse(_stream(request, batches, end=None), ping=PING_SECONDS)

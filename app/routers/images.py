@@ -6,12 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from app.core.errors import NotFound
-from app.core.security import bearer_scheme, check_image_signature, user_from_credentials
-from app.routers.deps import COMMON_RESPONSES, AppSettings, Service
-from app.services.queue.store import user_key
+from app.core.security import bearer_scheme, user_from_credentials
+from app.routers.deps import COMMON_RESPONSES, Service
+from app.services.queue.queue_service import ImageSignature
 
 router = APIRouter(tags=["images"], responses=COMMON_RESPONSES)
+
+CACHE_CONTROL = "private, max-age=3600"  # an image of a given attempt never changes
+EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
 @router.get(
@@ -24,30 +26,22 @@ async def get_image(
     index: int,
     request: Request,
     service: Service,
-    settings: AppSettings,
     exp: Annotated[int | None, Query()] = None,
     sig: Annotated[str | None, Query(max_length=64)] = None,
 ) -> Response:
     """A succeeded image's bytes."""
-    found = await service.image(queue_id, index)
-    if found is None:
-        raise NotFound("image not found")
-    data, content_type, attempt, owner = found
     if exp is not None and sig is not None:
-        if not check_image_signature(settings, queue_id, index, attempt, exp, sig):
-            raise NotFound("image not found (or the link expired)")
-        cache = "private, max-age=3600"
+        image = await service.image_for(queue_id, index, signature=ImageSignature(exp, sig))
     else:
         user = user_from_credentials(request, await bearer_scheme(request))
-        if user_key(user.id) != owner:
-            raise NotFound("image not found")
-        cache = "private, max-age=3600"
-    ext = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}.get(content_type, "bin")
+        image = await service.image_for(queue_id, index, user_id=user.id)
+    data = await image.read()
+    ext = EXTENSIONS.get(image.content_type, "bin")
     return Response(
         data,
-        media_type=content_type,
+        media_type=image.content_type,
         headers={
-            "Cache-Control": cache,
+            "Cache-Control": CACHE_CONTROL,
             "Content-Disposition": f'inline; filename="{queue_id}-{index}.{ext}"',
             "X-Content-Type-Options": "nosniff",
         },

@@ -2,18 +2,95 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import redis.exceptions
+
 from app.core.metrics import ApiMetrics
+from app.models.queue import Health
 from app.services.models import Catalog
 from app.services.queue.states import Priority
 from app.services.queue.store import QueueStore
 
+HEALTH_REDIS_TIMEOUT_SECONDS = 2.0
+
+
+def _slots(workers: list[dict[str, Any]]) -> int:
+    return sum(int(w.get("concurrency", 0)) for w in workers)
+
 
 class FleetService:
-    """Read models of the workers and models: the figures behind /metrics."""
+    """Read models of the workers and models: GET /models, /health, /ready and the figures behind /metrics."""
 
     def __init__(self, store: QueueStore, catalog: Catalog) -> None:
         self.store = store
         self.catalog = catalog
+
+    async def models_overview(self) -> dict[str, Any]:
+        """Configured models with live workers and their concurrency, pending and running images,
+        recent images/s and the provider's last known health."""
+        store, catalog = self.store, self.catalog
+        workers = await store.workers()
+        inflight = await store.inflight()
+        out = []
+        for model in catalog.models.values():
+            serving = [w for w in workers if model.name in w.get("models", [])]
+            health = await store.provider_health(model.name)
+            ok_at, error_at = int(health.get("ok_at", 0)), int(health.get("error_at", 0))
+            healthy: bool | None = None
+            if ok_at or error_at:
+                healthy = ok_at >= error_at
+            out.append({
+                "name": model.name,
+                "provider": model.provider,
+                "default": model.name == catalog.default,
+                "max_concurrency": model.max_concurrency or None,
+                "workers": len(serving),
+                "concurrency": _slots(serving),
+                "pending": await store.claimable(model.name),
+                "running": max(0, inflight.get(model.name, 0)),
+                "images_per_second": round(await store.throughput(model.name), 2),
+                "healthy": healthy,
+                "last_error": health.get("error") if healthy is False else None,
+            })
+        return {"default": catalog.default, "models": out}
+
+    async def health(self) -> Health:
+        """Redis reachability and live workers per model; `redis` is False when Redis does not answer
+        within HEALTH_REDIS_TIMEOUT_SECONDS."""
+        try:
+            async with asyncio.timeout(HEALTH_REDIS_TIMEOUT_SECONDS):
+                await self.store.ping()
+                workers = await self.store.workers()
+                models: dict[str, dict[str, int]] = {}
+                for name in self.catalog.models:
+                    serving = [w for w in workers if name in w.get("models", [])]
+                    models[name] = {
+                        "workers": len(serving),
+                        "concurrency": _slots(serving),
+                        "pending": await self.store.claimable(name),
+                    }
+        except (redis.exceptions.RedisError, TimeoutError):
+            return Health(status="degraded", redis=False, workers=0, warnings=["Redis is unreachable"])
+        warnings = [f"no live worker serves model {n!r}" for n, m in models.items() if m["workers"] == 0]
+        return Health(
+            status="ok",
+            redis=True,
+            workers=len(workers),
+            worker_concurrency=_slots(workers),
+            models=models,
+            warnings=warnings,
+        )
+
+    async def ready(self) -> bool:
+        """Whether Redis answers within HEALTH_REDIS_TIMEOUT_SECONDS."""
+        try:
+            async with asyncio.timeout(HEALTH_REDIS_TIMEOUT_SECONDS):
+                await self.store.ping()
+        except (redis.exceptions.RedisError, TimeoutError):
+            return False
+        return True
 
     async def refresh_metrics(self, metrics: ApiMetrics) -> None:
         """Sets the gauges that mirror Redis (all workers' figures) just before a scrape."""
@@ -28,4 +105,4 @@ class FleetService:
                 metrics.pending.labels(model, priority).set(pending[priority])
         workers = await store.workers()
         metrics.workers.set(len(workers))
-        metrics.worker_slots.set(sum(int(w.get("concurrency", 0)) for w in workers))
+        metrics.worker_slots.set(_slots(workers))

@@ -10,12 +10,14 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from app.core.config import Settings
 from app.core.errors import Conflict, NotFound, TooManyRequests, Unprocessable
+from app.core.security import check_image_signature, image_signature_current
 from app.models.queue import MAX_SEED, CreateQueueRequest, GenerateRequest, ImageResult, QueueStatus
 from app.services.models import Catalog
 from app.services.providers.base import RESERVED_PARAMS
@@ -38,6 +40,12 @@ _QUEUE_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_TAG_LENGTH = 64
 MAX_VARIABLE_NAME_LENGTH = 64
 SERVED_CACHE_SECONDS = 2.0
+EVENTS_BLOCK_MS = 1000  # how long one read of a live event stream waits for news
+EVENTS_BATCH = 500
+WAIT_EVENTS_BATCH = 100
+QUEUE_NOT_FOUND = "queue not found"
+IMAGE_NOT_FOUND = "image not found"
+LINK_NOT_FOUND = "image not found (or the link expired)"
 
 ImageUrl = Callable[[str, int, int], str]
 
@@ -58,7 +66,7 @@ def _position(priority: Priority, schedule: Schedule) -> int:
     return ahead
 
 
-def _eta(meta: dict[str, str], counts: dict[str, int], position: int | None, model_rate: float) -> float | None:
+def _eta(meta: Mapping[str, str], counts: dict[str, int], position: int | None, model_rate: float) -> float | None:
     """Seconds until the queue finishes. Once some of its images have finished, from the queue's own
     pace (which already reflects its share of the workers); before that, from the model's recent
     throughput and the images ahead of it."""
@@ -80,6 +88,50 @@ def _page(total: int, offset: int, limit: int | None) -> tuple[int, int]:
 
 def valid_queue_id(queue_id: str) -> bool:
     return bool(_QUEUE_ID.match(queue_id))
+
+
+def _owned(meta: Mapping[str, str] | None, user_id: str) -> Mapping[str, str]:
+    """The one ownership check: someone else's queue is answered exactly like a missing one."""
+    if meta is None or meta.get("uk") != user_key(user_id):
+        raise NotFound(QUEUE_NOT_FOUND)
+    return meta
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEvent:
+    """One entry of a queue's or a user's event stream."""
+
+    id: str
+    data: dict[str, Any]
+
+    @property
+    def type(self) -> str:
+        return str(self.data.get("type", "message"))
+
+
+@dataclass(frozen=True, slots=True)
+class ImageSignature:
+    """The `exp` and `sig` of a signed image URL."""
+
+    expires: int
+    signature: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredImage:
+    """A succeeded image the caller may read: what it is, and how to fetch its bytes."""
+
+    queue_id: str
+    index: int
+    attempt: int
+    content_type: str
+    fetch: Callable[[], Awaitable[bytes | None]]
+
+    async def read(self) -> bytes:
+        data = await self.fetch()
+        if data is None:  # deleted or expired since it was looked up
+            raise NotFound(IMAGE_NOT_FOUND)
+        return data
 
 
 class QueueService:
@@ -300,7 +352,7 @@ class QueueService:
         """The queue's status once terminal, or as it stands when `timeout` runs out."""
         deadline = time.monotonic() + timeout
         key = self.store.queue_events_key(queue_id)
-        last: Any = "0-0"
+        last = "0-0"
         while True:
             status = await self.status(user_id, queue_id, images_limit=None)
             if status.status in TERMINAL and status.finished_at:
@@ -309,38 +361,70 @@ class QueueService:
             if remaining <= 0:
                 return status
             block = int(min(remaining, 1.0) * 1000) or 1
-            events: Any = await self.store.redis.xread({key: last}, block=block, count=100)
-            entries: list[Any] = events[0][1] if events else []
-            if entries:
-                last = entries[-1][0]
+            events = await self.store.read_events(key, last, block_ms=block, count=WAIT_EVENTS_BATCH)
+            if events:
+                last = events[-1][0]
 
     # -- read -------------------------------------------------------------------------------
-    async def _meta(self, user_id: str, queue_id: str) -> dict[str, str]:
+    async def owned_queue(self, user_id: str, queue_id: str) -> Mapping[str, str]:
+        """The queue's meta fields, if it exists and is the user's; NotFound otherwise."""
         if not valid_queue_id(queue_id):
-            raise NotFound("queue not found")
-        meta = await self.store.meta(queue_id)
-        if meta is None or meta.get("uk") != user_key(user_id):
-            raise NotFound("queue not found")
-        return meta
+            raise NotFound(QUEUE_NOT_FOUND)
+        return _owned(await self.store.meta(queue_id), user_id)
+
+    async def events(
+        self, user_id: str, queue_id: str | None, after: str | None
+    ) -> AsyncGenerator[list[QueueEvent], None]:
+        """Batches of events (an empty one each time EVENTS_BLOCK_MS passes without news), after the
+        event id `after`: one queue's from its start, ending with its final event, or all the user's
+        queues' from now on. Ownership and the starting point are settled before this returns, so
+        their errors come before any event."""
+        if queue_id is not None:
+            await self.owned_queue(user_id, queue_id)
+            key = self.store.queue_events_key(queue_id)
+            start = after or "0-0"
+        else:
+            key = self.store.user_events_key(user_key(user_id))
+            start = after if after is not None else await self.store.newest_event_id(key)
+        return self._follow(key, start, until_final=queue_id is not None)
+
+    async def _follow(self, key: str, after: str, *, until_final: bool) -> AsyncGenerator[list[QueueEvent], None]:
+        while True:
+            batch = []
+            events = await self.store.read_events(key, after, block_ms=EVENTS_BLOCK_MS, count=EVENTS_BATCH)
+            for event_id, data in events:
+                after = event_id
+                batch.append(QueueEvent(event_id, self._with_url(data)))
+                if until_final and data.get("final"):
+                    yield batch
+                    return
+            yield batch
+
+    def _with_url(self, data: dict[str, Any]) -> dict[str, Any]:
+        """A succeeded image's event carries its signed URL, like the image in a status."""
+        if data.get("type") == "image" and data.get("status") == ImageStatus.SUCCEEDED:
+            attempt = int(data.get("attempt", 0))
+            if attempt:
+                data["url"] = self.image_url(data["queue_id"], int(data["index"]), attempt)
+        return data
 
     async def status(
         self, user_id: str, queue_id: str, *, images_offset: int = 0, images_limit: int | None = None
     ) -> QueueStatus:
         if not valid_queue_id(queue_id):
-            raise NotFound("queue not found")
+            raise NotFound(QUEUE_NOT_FOUND)
         found_summary = await self.store.summary(queue_id)
-        if found_summary is None or found_summary[0].get("uk") != user_key(user_id):
-            raise NotFound("queue not found")
+        summary_meta = _owned(found_summary[0] if found_summary else None, user_id)
+        schedule = found_summary[1] if found_summary else None
         if images_limit == 0:
-            return await self._with_warnings(await self._summary(queue_id, *found_summary))
+            return await self._with_warnings(await self._summary(queue_id, summary_meta, schedule))
         total = int(await self.store.queue_field(queue_id, "total") or 0)
         start, stop = _page(total, images_offset, images_limit)
         indexes = list(range(start, stop))
         found, records = await self.store.snapshot(queue_id, None if len(indexes) > 256 else indexes)
-        if found is None or found.get("uk") != user_key(user_id):
-            raise NotFound("queue not found")
-        status = await self._summary(queue_id, found, found_summary[1])
-        await self._attach_images(status, found, records, images_offset, images_limit)
+        meta = _owned(found, user_id)
+        status = await self._summary(queue_id, meta, schedule)
+        await self._attach_images(status, meta, records, images_offset, images_limit)
         return await self._with_warnings(status)
 
     async def _with_warnings(self, status: QueueStatus) -> QueueStatus:
@@ -358,7 +442,7 @@ class QueueService:
             self._served = (now, {m for w in workers for m in w.get("models", [])})
         return self._served[1]
 
-    async def _summary(self, queue_id: str, meta: dict[str, str], schedule: Schedule | None = None) -> QueueStatus:
+    async def _summary(self, queue_id: str, meta: Mapping[str, str], schedule: Schedule | None = None) -> QueueStatus:
         counts = {k: int(meta.get(k, 0)) for k in ("total", "pending", "running", "succeeded", "failed", "cancelled")}
         total = counts["total"]
         terminal = counts["succeeded"] + counts["failed"] + counts["cancelled"]
@@ -396,7 +480,7 @@ class QueueService:
     async def _attach_images(
         self,
         status: QueueStatus,
-        meta: dict[str, str],
+        meta: Mapping[str, str],
         records: dict[int, dict[str, Any]],
         offset: int,
         limit: int | None,
@@ -492,55 +576,82 @@ class QueueService:
     # -- change -----------------------------------------------------------------------------
     async def cancel(self, user_id: str, queue_id: str) -> QueueStatus:
         if not valid_queue_id(queue_id):
-            raise NotFound("queue not found")
+            raise NotFound(QUEUE_NOT_FOUND)
         s = self.settings
         outcome = await self.store.cancel(queue_id, user_key(user_id), s.queue_ttl_seconds, self._user_ttl)
         if outcome == CancelOutcome.NOT_FOUND:
-            raise NotFound("queue not found")
+            raise NotFound(QUEUE_NOT_FOUND)
         if outcome == CancelOutcome.CONFLICT:
-            meta = await self._meta(user_id, queue_id)
+            meta = await self.owned_queue(user_id, queue_id)
             raise Conflict(f"queue already finished ({meta['status']}); nothing to cancel")
         return await self.status(user_id, queue_id)
 
     async def retry(self, user_id: str, queue_id: str, include_cancelled: bool) -> QueueStatus:
         if not valid_queue_id(queue_id):
-            raise NotFound("queue not found")
+            raise NotFound(QUEUE_NOT_FOUND)
         outcome, _ = await self.store.retry(
             queue_id, user_key(user_id), include_cancelled, self.settings.queue_safety_ttl_seconds
         )
         if outcome == RetryOutcome.NOT_FOUND:
-            raise NotFound("queue not found")
+            raise NotFound(QUEUE_NOT_FOUND)
         if outcome == RetryOutcome.CONFLICT:
             raise Conflict("queue is still running; retry it once it has finished (or cancel it first)")
         if outcome == RetryOutcome.NOTHING:
             what = "failed or cancelled" if include_cancelled else "failed"
             raise Conflict(f"queue has no {what} images to retry")
-        meta = await self._meta(user_id, queue_id)
+        meta = await self.owned_queue(user_id, queue_id)
         await self.wake(meta["model"], int(meta["pending"]))
         return await self.status(user_id, queue_id)
 
     async def delete(self, user_id: str, queue_id: str) -> None:
         if not valid_queue_id(queue_id):
-            raise NotFound("queue not found")
+            raise NotFound(QUEUE_NOT_FOUND)
         outcome = await self.store.delete(queue_id, user_key(user_id))
         if outcome == DeleteOutcome.NOT_FOUND:
-            raise NotFound("queue not found")
+            raise NotFound(QUEUE_NOT_FOUND)
         if outcome == DeleteOutcome.CONFLICT:
             raise Conflict("queue is still running; cancel it first, then delete it once nothing of it runs")
 
-    async def image(self, queue_id: str, index: int) -> tuple[bytes, str, int, str] | None:
-        """(bytes, content type, attempt, owner key) of a succeeded image, or None."""
-        if not valid_queue_id(queue_id):
-            return None
-        records = await self.store.records(queue_id, [index])
-        rec = records.get(index)
+    async def image_for(
+        self, queue_id: str, index: int, *, user_id: str | None = None, signature: ImageSignature | None = None
+    ) -> StoredImage:
+        """A succeeded image for its owner, or for the holder of a valid signed URL; NotFound otherwise.
+
+        The caller is authorised before anything of the image is read: the owner check comes first,
+        and a signature must be current before the image's record is read for the attempt it binds.
+        Every failure answers the same, so a caller learns nothing of images not theirs."""
+        if signature is not None:
+            return await self._signed_image(queue_id, index, signature)
+        if user_id is None:
+            raise ValueError("image_for needs a user or a signature")
+        try:
+            await self.owned_queue(user_id, queue_id)
+        except NotFound:
+            raise NotFound(IMAGE_NOT_FOUND) from None
+        found = await self._succeeded(queue_id, index)
+        if found is None:
+            raise NotFound(IMAGE_NOT_FOUND)
+        return found
+
+    async def _signed_image(self, queue_id: str, index: int, signature: ImageSignature) -> StoredImage:
+        if not valid_queue_id(queue_id) or not image_signature_current(signature.expires, signature.signature):
+            raise NotFound(LINK_NOT_FOUND)
+        found = await self._succeeded(queue_id, index)
+        if found is None or not check_image_signature(
+            self.settings, queue_id, index, found.attempt, signature.expires, signature.signature
+        ):
+            raise NotFound(LINK_NOT_FOUND)
+        return found
+
+    async def _succeeded(self, queue_id: str, index: int) -> StoredImage | None:
+        rec = (await self.store.records(queue_id, [index])).get(index)
         if rec is None or rec.get("s") != ImageStatus.SUCCEEDED:
             return None
-        data = await self.store.blob(queue_id, index)
-        meta = await self.store.meta(queue_id)
-        if data is None or meta is None:
-            return None
-        return data, rec.get("ct") or "image/png", int(rec.get("a", 0)), meta["uk"]
+
+        async def fetch() -> bytes | None:
+            return await self.store.blob(queue_id, index)
+
+        return StoredImage(queue_id, index, int(rec.get("a", 0)), rec.get("ct") or "image/png", fetch)
 
     @property
     def _user_ttl(self) -> int:

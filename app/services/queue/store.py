@@ -529,6 +529,13 @@ class QueueStore:
     def user_events_key(self, uk: str) -> str:
         return _user(uk, "ev")
 
+    async def read_events(
+        self, key: str, after: str, *, block_ms: int, count: int
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Up to `count` events of a stream after the id `after`, waiting up to `block_ms` for the first."""
+        batch: Any = await self.redis.xread({key: after}, block=block_ms, count=count)
+        return [(_s(i), json.loads(f[b"d"])) for _, entries in batch for i, f in entries]
+
     async def newest_event_id(self, key: str) -> str:
         """The id of a stream's newest entry ("0-0" when empty): where "from now on" starts."""
         newest: Any = await self.redis.xrevrange(key, count=1)
