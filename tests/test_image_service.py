@@ -133,6 +133,19 @@ async def test_params_cannot_override_the_request_or_the_operator(server: Provid
         assert body["override_settings"] == {"sd_model_checkpoint": "m-1"}
 
 
+async def test_a1111_second_passes_scripts_and_infotext_never_reach_the_server(http: httpx.AsyncClient) -> None:
+    with ProviderServer("automatic1111") as server:
+        provider = build_provider("automatic1111", client=http, url=server.url, api_key=None, model="m-1", timeout=5)
+        sneaky = {"enable_hr": True, "hr_scale": 8, "hr_resize_x": 8192, "hr_resize_y": 8192,
+                  "hr_checkpoint_name": "other", "refiner_checkpoint": "other", "refiner_switch_at": 0.5,
+                  "alwayson_scripts": {"x": {"args": []}}, "infotext": "Size: 8192x8192, Model: other",
+                  "firstphase_width": 8192, "steps": 4}
+        await provider.generate(ImageRequest("a red fox", 7, 64, 48, params=sneaky))
+    body = server.requests[-1]["json"]
+    assert body["steps"] == 4 and (body["width"], body["height"]) == (64, 48)
+    assert not set(sneaky) - {"steps"} & set(body), sorted(body)
+
+
 async def test_client_error_fails_at_once_with_provider_message(server: ProviderServer,
                                                                  http: httpx.AsyncClient) -> None:
     svc, sleeps, _ = service(server, http)

@@ -67,6 +67,28 @@ def test_batch_through_real_provider_protocol(provider_stack: tuple) -> None:
     assert refused.json()["detail"][0]["loc"] == ["body", "params"]
 
 
+def test_a1111_params_that_get_around_the_limits_are_refused(redis_server: RedisServer) -> None:
+    """Hires fix, refiner, scripts and infotext could change the size or the model: 422 naming them."""
+    env = service_env(fresh_redis_url(redis_server), IMAGE_PROVIDER="automatic1111",
+                      IMAGE_PROVIDER_URL="http://127.0.0.1:9", IMAGE_MODEL="sd15")
+    api, base = start_api(env)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            headers = auth(new_user())
+            for params in ({"enable_hr": True, "hr_scale": 4}, {"hr_resize_x": 8192, "hr_resize_y": 8192},
+                           {"hr_checkpoint_name": "other.safetensors"}, {"refiner_checkpoint": "other"},
+                           {"alwayson_scripts": {"controlnet": {"args": []}}}, {"infotext": "Size: 8192x8192"}):
+                r = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "params": params})
+                assert r.status_code == 422, (params, r.text)
+                assert r.json()["detail"][0]["loc"] == ["body", "params"]
+                assert all(name in r.json()["detail"][0]["msg"] for name in params), r.json()
+            fine = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "params": {
+                "steps": 20, "sampler_name": "Euler a", "cfg_scale": 7}})
+            assert fine.status_code == 201, fine.text
+    finally:
+        api.stop()
+
+
 @pytest.mark.parametrize("provider_stack", [("openai", 1, {"PROVIDER_MAX_RETRIES": 2})], indirect=True)
 def test_provider_outage_fails_image_with_reason_after_budget(provider_stack: tuple) -> None:
     server, client = provider_stack

@@ -97,9 +97,20 @@ RESERVED_PARAMS: dict[ProviderKind, frozenset[str]] = {
     ProviderKind.AUTOMATIC1111: frozenset({
         "prompt", "negative_prompt", "seed", "width", "height", "batch_size", "n_iter", "override_settings",
         "override_settings_restore_afterwards", "script_name", "script_args", "send_images", "save_images",
+        # A second pass or a second model would get around the size limit and the operator's model;
+        # server-side scripts and infotext can set anything at all.
+        "enable_hr", "firstphase_width", "firstphase_height", "alwayson_scripts", "infotext",
     }),
     ProviderKind.COMFYUI: frozenset({"prompt", "negative_prompt", "seed", "width", "height", "model"}),
 }
+# Whole families: the hires-fix pass (`hr_scale`, `hr_resize_x`, `hr_checkpoint_name`, and the variants
+# of Forge and SD.Next) and the refiner (`refiner_checkpoint`, `refiner_switch_at`, ...).
+RESERVED_PREFIXES: dict[ProviderKind, tuple[str, ...]] = {ProviderKind.AUTOMATIC1111: ("hr_", "refiner_")}
+
+
+def is_reserved(key: str, kind: ProviderKind) -> bool:
+    """Whether `params` may not set `key` for a provider of `kind`."""
+    return key in RESERVED_PARAMS[kind] or key.startswith(RESERVED_PREFIXES.get(kind, ()))
 
 
 def request_values(request: ImageRequest) -> dict[str, Any]:
@@ -115,5 +126,4 @@ def request_values(request: ImageRequest) -> dict[str, Any]:
 
 def provider_params(params: Mapping[str, Any], kind: ProviderKind) -> dict[str, Any]:
     """A request's params less the fields reserved for the request and the operator."""
-    reserved = RESERVED_PARAMS[kind]
-    return {k: v for k, v in params.items() if k not in reserved}
+    return {k: v for k, v in params.items() if not is_reserved(k, kind)}

@@ -20,7 +20,7 @@ from app.core.errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from app.core.security import check_image_signature, image_signature_current
 from app.models.queue import MAX_SEED, CreateQueueRequest, GenerateRequest, ImageResult, QueueStatus
 from app.services.models import Catalog
-from app.services.providers.base import RESERVED_PARAMS
+from app.services.providers.base import is_reserved
 from app.services.queue.states import (
     TERMINAL,
     CancelOutcome,
@@ -207,7 +207,7 @@ class QueueService:
             known = ", ".join(sorted(self.catalog.models))
             raise Unprocessable(f"unknown model {model_name!r}; known models: {known}", ("body", "model"))
         kinds = {model.provider, *(e.kind for e in model.endpoints)}
-        reserved = sorted(k for k in params if any(k in RESERVED_PARAMS[kind] for kind in kinds))
+        reserved = sorted(k for k in params if any(is_reserved(k, kind) for kind in kinds))
         if reserved:
             raise Unprocessable(
                 f"params may not set {', '.join(reserved)}: use the request's own fields (prompt, seed, width, "
