@@ -16,21 +16,39 @@ execution_error in history), "lag:N" (completion shows in /history only after N 
 `fail_all = True` makes every request answer 500. Prompts run one at a time (`slots`) in the order
 queued, like ComfyUI; time advances whenever a request arrives. `legacy_interrupt=True` behaves like
 servers before mid-2025, which ignore prompt_id and stop whatever is running.
+
+The websocket `/ws?clientId=` sends a client the events of its prompts as they run: execution_start,
+executing, then per step (`progress_steps` over the run) a binary preview frame (u32 1, u32 1 = JPEG,
+the JPEG) followed by `progress` {value, max, prompt_id, node}, and at the end executing (node null)
+and execution_success. `drop_socket_after = N` closes the socket once, after the N-th progress event
+(later connections are served); `server.sockets_opened` counts connections.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
+import struct
 import time
 import uuid
 from typing import Any
 
+from PIL import Image
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tests.provider_servers import ScriptedServer, png
 
 SLOW_SECONDS = 60.0
+SOCKET_TICK_SECONDS = 0.01
+
+
+def jpeg(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), colour).save(buf, "JPEG")
+    return buf.getvalue()
 
 
 class ComfyUIServer(ScriptedServer):
@@ -39,6 +57,10 @@ class ComfyUIServer(ScriptedServer):
         self.slots = slots
         self.legacy_interrupt = legacy_interrupt
         self.fail_all = False
+        self.progress_steps = 4
+        self.drop_socket_after: int | None = None
+        self.sockets_opened = 0
+        self.progress_sent = 0
         self.prompts: dict[str, dict[str, Any]] = {}
         self.posted: list[dict[str, Any]] = []
         self.deleted: list[str] = []
@@ -54,6 +76,7 @@ class ComfyUIServer(ScriptedServer):
             Route("/queue", self._get_queue, methods=["GET"]),
             Route("/queue", self._post_queue, methods=["POST"]),
             Route("/interrupt", self._interrupt, methods=["POST"]),
+            WebSocketRoute("/ws", self._socket),
         ], "ComfyUI test server")
 
     @property
@@ -79,6 +102,7 @@ class ComfyUIServer(ScriptedServer):
             p = self.prompts[pid]
             if p["state"] == "pending" and running < self.slots:
                 p["state"], running = "running", running + 1
+                p["started_at"] = now
                 p["ends_at"] = now + (SLOW_SECONDS if p["step"] == "slow" else self.run_seconds)
 
     def _finish(self, p: dict[str, Any], outcome: str) -> None:
@@ -116,6 +140,56 @@ class ComfyUIServer(ScriptedServer):
                      "exception_type": "torch.OutOfMemoryError", "traceback": ["..."]},
                 ]]},
             }
+
+    # -- the websocket ----------------------------------------------------------------------------
+    async def _socket(self, websocket: WebSocket) -> None:
+        client_id = websocket.query_params.get("clientId")
+        await websocket.accept()
+        self.sockets_opened += 1
+        await websocket.send_json({"type": "status", "data": {"status": {"exec_info": {"queue_remaining": 0}},
+                                                              "sid": client_id}})
+        try:
+            while True:
+                with self._lock:
+                    self._advance()
+                    messages = self._socket_messages(client_id)
+                for message in messages:
+                    if isinstance(message, bytes):
+                        await websocket.send_bytes(message)
+                        continue
+                    await websocket.send_json(message)
+                    if message["type"] == "progress":
+                        self.progress_sent += 1
+                        if self.drop_socket_after is not None and self.progress_sent >= self.drop_socket_after:
+                            self.drop_socket_after = None
+                            await websocket.close()
+                            return
+                await asyncio.sleep(SOCKET_TICK_SECONDS)
+        except (WebSocketDisconnect, RuntimeError):
+            return
+
+    def _socket_messages(self, client_id: str | None) -> list[dict[str, Any] | bytes]:
+        """What a client's socket has not been sent yet about its prompts that started."""
+        out: list[dict[str, Any] | bytes] = []
+        now = time.monotonic()
+        for pid, p in self.prompts.items():
+            if p["client_id"] != client_id or "started_at" not in p or p.get("ws_done"):
+                continue
+            if not p.get("ws_sent"):
+                p["ws_sent"] = 0
+                out += [{"type": "execution_start", "data": {"prompt_id": pid}},
+                        {"type": "executing", "data": {"node": "3", "display_node": "3", "prompt_id": pid}}]
+            steps, done = self.progress_steps, p["state"] != "running"
+            due = steps if done else int(steps * (now - p["started_at"]) / max(1e-6, p["ends_at"] - p["started_at"]))
+            for step in range(p["ws_sent"] + 1, min(due, steps) + 1):
+                out.append(struct.pack(">II", 1, 1) + jpeg((30 * step % 256, 90, 160)))
+                out.append({"type": "progress", "data": {"value": step, "max": steps, "prompt_id": pid, "node": "3"}})
+                p["ws_sent"] = step
+            if done:
+                p["ws_done"] = True
+                out += [{"type": "executing", "data": {"node": None, "prompt_id": pid}},
+                        {"type": "execution_success", "data": {"prompt_id": pid}}]
+        return out
 
     # -- routes -----------------------------------------------------------------------------------
     def _note(self, request: Request) -> Response | None:

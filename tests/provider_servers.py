@@ -8,8 +8,15 @@
 
 Script steps: "ok", "500", "502", "503", "429" or "429:<Retry-After value>" (seconds or an HTTP date),
 "400:<message>" (the protocol's error JSON carrying that message), "hang" (never answers within a
-client's timeout), "garbage" (200 with no image). When the script is empty, every answer
-is "ok" (after `latency` seconds). `api_key` makes the server answer 401 without that bearer key.
+client's timeout), "garbage" (200 with no image), "cut" (a streamed answer that ends after its first
+partial image). When the script is empty, every answer is "ok" (after `latency` seconds). `api_key`
+makes the server answer 401 without that bearer key.
+
+Progress: an OpenAI request with `stream: true` is answered with Server-Sent Events, `partial_images`
+`image_generation.partial_image` events then `image_generation.completed`, spread over `latency`.
+A1111's `GET /sdapi/v1/progress` describes the txt2img request in flight (its `steps`, default 20,
+advancing over `latency`, with a small `current_image`), or an idle server; `server.progress_polls`
+counts the calls.
 `server.url` is the base a provider is configured with: `<root>/v1` for openai, `<root>` for A1111.
 `server.interrupts` counts POSTs to /sdapi/v1/interrupt; `server.max_in_flight` is the most requests
 it ever held at once. The server runs uvicorn in a daemon thread of the calling process, so a fixture
@@ -21,17 +28,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any, Self
 
 import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.utils import free_port, wait_until
@@ -41,6 +49,10 @@ def png(width: int, height: int, colour: tuple[int, int, int] = (200, 80, 40)) -
     buf = io.BytesIO()
     Image.new("RGB", (width, height), colour).save(buf, "PNG")
     return buf.getvalue()
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps({'type': event, **data})}\n\n"
 
 
 class ScriptedServer:
@@ -89,8 +101,11 @@ class ProviderServer(ScriptedServer):
         self.interrupts = 0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.progress_polls = 0
+        self._job: dict[str, Any] | None = None  # the A1111 txt2img request in flight
         super().__init__([Route("/v1/images/generations", self._openai, methods=["POST"]),
                           Route("/sdapi/v1/txt2img", self._a1111, methods=["POST"]),
+                          Route("/sdapi/v1/progress", self._a1111_progress, methods=["GET"]),
                           Route("/sdapi/v1/interrupt", self._interrupt, methods=["POST"])], "provider test server")
 
     @property
@@ -109,7 +124,9 @@ class ProviderServer(ScriptedServer):
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
             return body, self._error(401, "Incorrect API key provided")
         step = self._next()
-        if self.latency:
+        if step == "cut":
+            body["_cut"] = True
+        if self.latency and not body.get("stream"):  # a stream spreads the latency over its events
             await asyncio.sleep(self.latency)
         code, _, arg = step.partition(":")
         if code == "hang":
@@ -139,26 +156,64 @@ class ProviderServer(ScriptedServer):
         finally:
             self.in_flight -= 1
 
-    async def _openai(self, request: Request) -> JSONResponse:
-        async def handle(request: Request) -> JSONResponse:
+    async def _openai(self, request: Request) -> Response:
+        async def handle(request: Request) -> Response:
             body, error = await self._common(request)
             if error is not None:
                 return error
             width, height = (int(v) for v in body.get("size", "64x64").split("x"))
+            if body.get("stream"):
+                return StreamingResponse(self._image_events(body, width, height), media_type="text/event-stream")
             return JSONResponse({"created": int(time.time()),
                                  "data": [{"b64_json": base64.b64encode(png(width, height)).decode()}]})
 
         return await self._track(handle, request)
 
+    async def _image_events(self, body: dict[str, Any], width: int, height: int) -> AsyncIterator[str]:
+        partials = int(body.get("partial_images", 0))
+        for index in range(partials):
+            await asyncio.sleep(self.latency / (partials + 1))
+            shade = 60 + 60 * index
+            yield _sse("image_generation.partial_image", {
+                "b64_json": base64.b64encode(png(16, 16, (shade, shade, shade))).decode(),
+                "partial_image_index": index, "output_format": "png", "size": f"{width}x{height}"})
+            if body.get("_cut"):
+                return
+        await asyncio.sleep(self.latency / (partials + 1))
+        yield _sse("image_generation.completed", {
+            "b64_json": base64.b64encode(png(width, height)).decode(), "output_format": "png",
+            "size": f"{width}x{height}", "usage": {"total_tokens": 0}})
+
     async def _a1111(self, request: Request) -> JSONResponse:
         async def handle(request: Request) -> JSONResponse:
-            body, error = await self._common(request)
+            self._job = {"started": time.monotonic(), "steps": 20}
+            try:
+                body, error = await self._common(request)
+            finally:
+                self._job = None
             if error is not None:
                 return error
             image = base64.b64encode(png(int(body["width"]), int(body["height"]), (40, 80, 200))).decode()
             return JSONResponse({"images": [image], "parameters": body, "info": "{}"})
 
         return await self._track(handle, request)
+
+    async def _a1111_progress(self, request: Request) -> JSONResponse:
+        self.progress_polls += 1
+        job = self._job
+        if job is None:
+            return JSONResponse({"progress": 0, "eta_relative": 0, "current_image": None, "textinfo": None,
+                                 "state": {"job_count": 0, "sampling_step": 0, "sampling_steps": 0}})
+        steps = int(self.requests[-1]["json"].get("steps", job["steps"])) if self.requests else job["steps"]
+        elapsed = time.monotonic() - job["started"]
+        step = min(steps, int(steps * elapsed / self.latency)) if self.latency else steps
+        image = None
+        if step and request.query_params.get("skip_current_image") != "true":
+            image = base64.b64encode(png(8, 8, (10 * step % 256, 80, 200))).decode()
+        return JSONResponse({"progress": step / steps, "eta_relative": max(0.0, self.latency - elapsed),
+                             "current_image": image, "textinfo": None,
+                             "state": {"job_count": 1, "job_no": 0, "sampling_step": step, "sampling_steps": steps,
+                                       "interrupted": False, "skipped": False}})
 
     async def _interrupt(self, request: Request) -> JSONResponse:
         self.interrupts += 1

@@ -87,3 +87,7 @@ class ImageService:
 
     async def interrupt(self, request: ImageRequest) -> None:
         await self.provider.interrupt(request)
+
+    async def aclose(self) -> None:
+        """Releases the provider's background resources; call once, when the worker stops."""
+        await self.provider.aclose()

@@ -13,6 +13,7 @@ from app.core.config import Settings
 from app.services.providers.base import ProviderKind
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_PARTIAL_IMAGES = 3  # the OpenAI Images API's own bound
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +80,7 @@ class ModelConfig:
     workflow: str | None = None  # comfyui: path of the API-format workflow
     fields: dict[str, str] = field(default_factory=dict)  # comfyui: value name -> "node.inputs.field"
     output_node: str | None = None  # comfyui: the node whose image is taken
+    partial_images: int = 0  # openai: partial images the server streams per image (0: it does not stream)
 
     @property
     def url(self) -> str | None:
@@ -162,10 +164,17 @@ def _from_file(path: Path, settings: Settings) -> Catalog:
             workflow=workflow,
             fields=parse_fields(entry.get("fields")),
             output_node=str(entry["output_node"]) if entry.get("output_node") is not None else None,
+            partial_images=_partial_images(entry.get("partial_images", 0), f"{path}: model {name!r}"),
         )
         if entry.get("default"):
             default = name
     return Catalog(models, default or next(iter(models)))
+
+
+def _partial_images(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_PARTIAL_IMAGES:
+        raise ValueError(f"{where}: partial_images must be a whole number from 0 to {MAX_PARTIAL_IMAGES}")
+    return value
 
 
 def _endpoint_entry(entry: Any, provider: ProviderKind, where: str) -> str:

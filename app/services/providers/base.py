@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar, Protocol
 
+from app.services.providers.progress import ProgressCallback
+
 
 class ProviderKind(StrEnum):
     """The protocols a model can be served with: the one definition of the kinds."""
@@ -39,6 +41,8 @@ class ImageRequest:
     params: Mapping[str, Any] = field(default_factory=dict)
     model: str | None = None  # the provider-side model name, if any
     request_id: str = ""  # "<queue_id>:<index>", for logs and provider-side cancel
+    # Called with each Progress while the image runs (see progress.py); None: nobody listens.
+    on_progress: ProgressCallback | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,10 @@ class ImageProvider(Protocol):
 
     async def interrupt(self, request: ImageRequest) -> None: ...
 
+    async def aclose(self) -> None:
+        """Releases what the provider keeps between images (ComfyUI's progress socket)."""
+        ...
+
 
 # A provider's Retry-After is honoured up to this long; beyond it is more likely a mistake than a plan.
 MAX_RETRY_AFTER_SECONDS = 300.0
@@ -93,7 +101,9 @@ MAX_RETRY_AFTER_SECONDS = 300.0
 # The API refuses them with a 422; providers also apply them last, so they hold regardless.
 RESERVED_PARAMS: dict[ProviderKind, frozenset[str]] = {
     ProviderKind.PROCEDURAL: frozenset(),
-    ProviderKind.OPENAI: frozenset({"prompt", "n", "size", "response_format", "model", "user"}),
+    ProviderKind.OPENAI: frozenset({
+        "prompt", "n", "size", "response_format", "model", "user", "stream", "partial_images",
+    }),
     ProviderKind.AUTOMATIC1111: frozenset({
         "prompt", "negative_prompt", "seed", "width", "height", "batch_size", "n_iter", "override_settings",
         "override_settings_restore_afterwards", "script_name", "script_args", "send_images", "save_images",

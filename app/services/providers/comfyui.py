@@ -6,6 +6,7 @@ prompt has run, then holds its status and outputs; `GET /view` serves an output 
 lists running and pending prompts; `POST /queue {"delete": [...]}` drops pending ones and
 `POST /interrupt {"prompt_id": ...}` stops the running one. Completion is followed by polling
 /history rather than the websocket: a poll cannot miss an event, and a worker needs no socket per image.
+The websocket only adds progress, when someone listens (comfyui_progress.py).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from app.services.providers.base import (
     provider_params,
     request_values,
 )
+from app.services.providers.comfyui_progress import ProgressSocket, ws_url
 from app.services.providers.comfyui_workflow import Workflow, WorkflowError
 from app.services.providers.http import HttpProvider, content_type, error_text
+from app.services.providers.progress import ProgressFeed
 
 POLL_FAILURES = 5  # consecutive failed /history polls before the image fails (retryably)
 QUEUE_CHECK_SECONDS = 5.0  # how often a prompt missing from /history is looked for in /queue
@@ -95,6 +98,7 @@ class ComfyUIProvider(HttpProvider):
         self.poll_seconds = poll_seconds
         self.prompt_timeout = prompt_timeout
         self.client_id = str(uuid.uuid4())
+        self.progress = ProgressSocket(ws_url(self.base_url, self.client_id), self._headers())
         # request_id -> prompt_id of images in flight, and of cancelled ones until interrupt() takes them.
         self._prompts: OrderedDict[str, str] = OrderedDict()
 
@@ -103,10 +107,17 @@ class ComfyUIProvider(HttpProvider):
         prompt_id = str(uuid.uuid4())
         key = request.request_id or prompt_id
         self._remember(key, prompt_id)
+        feed = ProgressFeed(request.on_progress)
+        watched = [prompt_id] if feed.wanted else []
+        for pid in watched:
+            self.progress.watch(pid, feed)  # before the prompt is queued, so its first events are ours
         cancelled = False
         try:
             prompt_id = await self._submit(graph, prompt_id)
             self._remember(key, prompt_id)
+            if watched and prompt_id not in watched:  # an older server chose its own id
+                watched.append(prompt_id)
+                self.progress.watch(prompt_id, feed)
             entry = await self._wait(prompt_id)
             return await self._fetch(entry)
         except asyncio.CancelledError:
@@ -115,6 +126,12 @@ class ComfyUIProvider(HttpProvider):
         finally:
             if not cancelled:
                 self._prompts.pop(key, None)
+            for pid in watched:
+                self.progress.unwatch(pid)
+            await feed.aclose()
+
+    async def aclose(self) -> None:
+        await self.progress.aclose()
 
     async def interrupt(self, request: ImageRequest) -> None:
         """Drops the image's prompt from ComfyUI's queue, or stops it if it is the one running; nothing else."""

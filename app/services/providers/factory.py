@@ -24,9 +24,12 @@ def build_provider(
     model: str | None,
     timeout: float,
     procedural_latency_ms: float = 0.0,
+    partial_images: int = 0,
+    exclusive: bool = False,
 ) -> ImageProvider:
     """The provider of `kind`, sharing `client` for its HTTP calls (ComfyUI, which needs a workflow,
-    is built by build_model_provider)."""
+    is built by build_model_provider). `partial_images`: openai streams that many previews per image;
+    `exclusive`: the endpoint serves one image of ours at a time (A1111 then reports progress)."""
     kind = ProviderKind.parse(kind)
     if kind == ProviderKind.PROCEDURAL:
         return ProceduralProvider(procedural_latency_ms)
@@ -34,8 +37,9 @@ def build_provider(
         raise ValueError("provider 'comfyui' needs a workflow: build it with providers.build_model_provider")
     if not url:
         raise ValueError(f"provider {kind.value!r} needs IMAGE_PROVIDER_URL (or a url in the model catalogue)")
-    cls = OpenAIProvider if kind == ProviderKind.OPENAI else Automatic1111Provider
-    return cls(client, url, api_key=api_key, model=model, timeout=timeout)
+    if kind == ProviderKind.OPENAI:
+        return OpenAIProvider(client, url, api_key=api_key, model=model, timeout=timeout, partial_images=partial_images)
+    return Automatic1111Provider(client, url, api_key=api_key, model=model, timeout=timeout, exclusive=exclusive)
 
 
 def build_model_provider(model: ModelConfig, *, client: httpx.AsyncClient, settings: Settings) -> ImageProvider:
@@ -87,6 +91,9 @@ def _one(
         model=model.provider_model,
         timeout=settings.provider_timeout_seconds,
         procedural_latency_ms=model.latency_ms,
+        partial_images=model.partial_images,
+        # The model's cap holds across all workers; an endpoint's #max within one worker process.
+        exclusive=model.max_concurrency == 1 or spec.max_concurrency == 1,
     )
 
 

@@ -107,6 +107,10 @@ class FailoverProvider:
         if endpoint is not None:
             await endpoint.provider.interrupt(request)
 
+    async def aclose(self) -> None:
+        for endpoint in self.endpoints:
+            await endpoint.provider.aclose()
+
     def usable(self, endpoint: Endpoint, now: float) -> bool:
         """Not resting; a tripped endpoint past its cool-down takes one trial request at a time."""
         if now < endpoint.resting_until:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import email.utils
+import json
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -120,13 +122,37 @@ class HttpProvider:
         body: Any = None,
         params: Mapping[str, str] | None = None,
         timeout: float | None = None,
+        stream: bool = False,
     ) -> httpx.Response:
-        """One call; timeouts, connection errors, 429 and 5xx become retryable errors, other answers return."""
+        """One call; timeouts, connection errors, 429 and 5xx become retryable errors, other answers return
+        (with `stream`, before their body is read: the caller closes them)."""
         timeout = self.timeout if timeout is None else timeout
-        try:
-            response = await self.client.request(
-                method, self.base_url + path, json=body, params=params, headers=self._headers(), timeout=timeout
+        request = self.client.build_request(
+            method, self.base_url + path, json=body, params=params, headers=self._headers(), timeout=timeout
+        )
+        with self._transport_errors(timeout):
+            response = await self.client.send(request, stream=stream)
+        status = response.status_code
+        if status == 429 or status >= 500:
+            if stream:
+                with self._transport_errors(timeout):
+                    try:
+                        await response.aread()
+                    finally:
+                        await response.aclose()
+            raise self._error(
+                ProviderRateLimited if status == 429 else ProviderUnavailable,
+                f"{status} {error_text(response)}",
+                retryable=True,
+                retry_after=retry_after_seconds(response.headers.get("retry-after")),
             )
+        return response
+
+    @contextlib.contextmanager
+    def _transport_errors(self, timeout: float) -> Iterator[None]:
+        """Timeouts and connection errors, while sending or while reading a streamed body, as retryable errors."""
+        try:
+            yield
         except httpx.TimeoutException as exc:
             raise self._error(ProviderUnavailable, f"timed out after {timeout:g}s", retryable=True) from exc
         except httpx.TransportError as exc:
@@ -134,25 +160,12 @@ class HttpProvider:
             raise self._error(
                 ProviderUnavailable, f"cannot connect to {self._shown_url}: {reason}", retryable=True
             ) from exc
-        status = response.status_code
-        if status == 429:
-            raise self._error(
-                ProviderRateLimited,
-                f"429 {error_text(response)}",
-                retryable=True,
-                retry_after=retry_after_seconds(response.headers.get("retry-after")),
-            )
-        if status >= 500:
-            raise self._error(
-                ProviderUnavailable,
-                f"{status} {error_text(response)}",
-                retryable=True,
-                retry_after=retry_after_seconds(response.headers.get("retry-after")),
-            )
-        return response
 
     async def _post(self, path: str, body: dict[str, Any]) -> Any:
-        response = await self._request("POST", path, body=body)
+        return self._answer(await self._request("POST", path, body=body))
+
+    def _answer(self, response: httpx.Response) -> Any:
+        """The JSON of a read answer; a 4xx (429 aside) or a body that is not JSON is a rejection."""
         status = response.status_code
         if status >= 400:
             raise self._error(ProviderRejected, f"{status} {error_text(response)}")
@@ -176,3 +189,30 @@ class HttpProvider:
 
     async def interrupt(self, request: ImageRequest) -> None:
         return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of a Server-Sent Events body; an event's name stands in for a missing "type"."""
+    name, data = "", []
+    async for line in response.aiter_lines():
+        if line:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                name = value
+            elif field == "data":
+                data.append(value)
+            continue
+        text, event_name, name, data = "\n".join(data), name, "", []
+        if not text or text == "[DONE]":
+            continue
+        try:
+            event = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            event.setdefault("type", event_name)
+            yield event
