@@ -6,19 +6,21 @@ import argparse
 import sys
 
 from app.core.config import get_settings
-from app.core.security import mint_token
+from app.core.local_auth import token_for
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app.cli", description="imagequeue helpers")
     sub = parser.add_subparsers(dest="command", required=True)
-    token = sub.add_parser("token", help="mint a JWT for USER with JWT_SECRET (for local use and scripts)")
+    token = sub.add_parser(
+        "token", help="mint a JWT for USER with JWT_SECRET, or the local secret of a developer machine"
+    )
     token.add_argument("user", help="the user id (becomes the token's 'sub')")
     token.add_argument("--ttl", type=int, default=86_400, help="lifetime in seconds (default 86400)")
     args = parser.parse_args(argv)
     if args.command == "token":
         try:
-            print(mint_token(get_settings(), args.user, args.ttl))
+            print(token_for(get_settings(), args.user, args.ttl))
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -19,7 +18,9 @@ from pathlib import Path
 
 import redis
 
-DATA_DIR = Path(os.environ.get("IMAGEQUEUE_DATA_DIR", ".data"))
+from app.core.config import get_settings
+from app.core.local_auth import data_dir, token_for, with_local_secret
+
 DEFAULT_REDIS_PORT = 6379
 
 
@@ -82,17 +83,6 @@ def start_redis(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-def local_secret() -> str:
-    path = DATA_DIR / "jwt-secret"
-    if path.exists():
-        return path.read_text().strip()
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_urlsafe(32)
-    path.write_text(secret)
-    path.chmod(0o600)
-    return secret
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run imagequeue locally (API + worker + Redis).")
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
@@ -103,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     env = dict(os.environ)
+    data = data_dir()
     procs: list[subprocess.Popen[bytes]] = []
     redis_proc: subprocess.Popen[bytes] | None = None
     if args.embedded_redis or (not env.get("REDIS_URL") and not env.get("REDIS_HOST")):
@@ -112,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"using the Redis answering at {default}")
         else:
             port = free_port()
-            redis_proc = start_redis(DATA_DIR / "redis", port)
+            redis_proc = start_redis(data / "redis", port)
             procs.append(redis_proc)
             env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-            print(f"started an embedded Redis at {env['REDIS_URL']} (data in {DATA_DIR / 'redis'})")
-    if not env.get("JWT_SECRET") and not env.get("JWT_PUBLIC_KEY"):
-        existed = (DATA_DIR / "jwt-secret").exists()
-        env["JWT_SECRET"] = local_secret()
-        print(f"{'using the' if existed else 'generated a'} local JWT secret in {DATA_DIR / 'jwt-secret'}")
+            print(f"started an embedded Redis at {env['REDIS_URL']} (data in {data / 'redis'})")
+    settings, local = with_local_secret(get_settings())
+    if local is not None:
+        env["JWT_SECRET"] = local.value
+        print(f"{'generated a' if local.created else 'using the'} local JWT secret in {local.path}")
     env.setdefault("PROCEDURAL_LATENCY_MS", "300")
 
     procs.append(
@@ -128,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "app.main:create_app",
-                "--factory",
+                "app.main:app",
                 "--host",
                 args.host,
                 "--port",
@@ -142,15 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.workers):
         procs.append(subprocess.Popen([sys.executable, "worker.py", f"--concurrency={args.concurrency}"], env=env))
 
-    token = subprocess.run(
-        [sys.executable, "-m", "app.cli", "token", "local-user"], env=env, capture_output=True, text=True, check=True
-    ).stdout.strip()
     base = f"http://{args.host}:{args.port}"
     print(f"\nimagequeue is starting at {base}  (web client: {base}/, API docs: {base}/docs)")
-    print(f"token for user 'local-user' (24 h):\n\n  export TOKEN={token}\n")
-    # A wildcard bind address is not something a browser can open.
-    browser_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    print(f"web client, signed in as 'local-user':\n\n  http://{browser_host}:{args.port}/#token={token}\n")
+    try:
+        token = token_for(settings, "local-user")
+    except ValueError as exc:  # RS/ES keys: tokens come from the identity provider
+        print(f"no token printed: {exc}")
+    else:
+        print(f"token for user 'local-user' (24 h):\n\n  export TOKEN={token}\n")
+        # A wildcard bind address is not something a browser can open.
+        browser_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+        print(f"web client, signed in as 'local-user':\n\n  http://{browser_host}:{args.port}/#token={token}\n")
     print("Ctrl+C stops everything.")
 
     stopping = False

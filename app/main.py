@@ -1,8 +1,14 @@
-"""create_app(): the FastAPI application, its Redis connections, routers, error handlers and web client."""
+"""The FastAPI application: create_app() (tests, or `uvicorn app.main:create_app --factory`), and `app` for
+`uvicorn app.main:app`.
+
+Importing this module reads no setting and connects to nothing: `app` is built on first access, which
+is when uvicorn loads it to serve, and Redis is connected when the server starts (the lifespan).
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.config import Settings, get_settings
 from app.core.errors import install_error_handlers
+from app.core.local_auth import LocalSecret, with_local_secret
 from app.core.logging import configure_logging
 from app.core.metrics import ApiMetrics, install_metrics
 from app.core.security import TokenCache, sign_image, signature_expiry
@@ -115,13 +122,17 @@ class _TooLarge(HTTPException):
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    """The application, with `settings` or the environment's; on a developer machine that set no
+    JWT_SECRET, with the local one. An unusable configuration exits with its reason."""
+    settings, local = with_local_secret(settings or get_settings())
     try:
         settings.check_auth()
-    except ValueError as exc:
+        configure_logging(settings.log_level, "api")
+        catalog = load_catalog(settings)
+    except (ValueError, OSError) as exc:
         raise SystemExit(f"imagequeue: {exc}") from None
-    configure_logging(settings.log_level, "api")
-    catalog = load_catalog(settings)
+    if local is not None:
+        _announce(local)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -176,3 +187,22 @@ def _redacted(url: str) -> str:
         scheme, _, rest = url.partition("://")
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
+
+
+def _announce(local: LocalSecret) -> None:
+    where = f"generated in {local.path}" if local.created else f"kept in {local.path}"
+    print(
+        f"imagequeue: no JWT_SECRET is set, so tokens are signed with the local secret {where} "
+        "(for development; the container images refuse to start without JWT_SECRET).\n"
+        "imagequeue: get a token with:  python -m app.cli token USER",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def __getattr__(name: str) -> FastAPI:
+    """`app`, built once on first access (PEP 562): importing the module creates nothing."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    built = globals()["app"] = create_app()
+    return built

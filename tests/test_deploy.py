@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-API_COMMAND = "uvicorn app.main:create_app --factory --host 0.0.0.0 --port 8000"
+API_COMMAND = "uvicorn app.main:app --host 0.0.0.0 --port 8000"
 WORKER_COMMAND = "python worker.py --concurrency="
 
 
@@ -40,7 +40,7 @@ def test_images_run_the_commands_the_readme_documents() -> None:
     assert WORKER_COMMAND in readme
     # The local runner starts the same module and worker entry point.
     dev = re.sub(r"\s+", " ", (ROOT / "app" / "dev.py").read_text())
-    assert '"app.main:create_app", "--factory",' in dev and '"worker.py", f"--concurrency=' in dev
+    assert '"app.main:app",' in dev and '"worker.py", f"--concurrency=' in dev
 
 
 def test_env_example_covers_compose_and_no_secret_is_baked_in() -> None:

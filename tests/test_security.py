@@ -20,6 +20,7 @@ from jose import jwt
 
 from app.core.config import Settings
 from app.core.errors import Unauthorized
+from app.core.local_auth import token_for, with_local_secret
 from app.core.security import check_image_signature, sign_image, verify_stream_token, verify_token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,14 +94,30 @@ def test_settings_refuse_unsafe_auth_configuration() -> None:
         _ = Settings(_env_file=None, jwt_secret=None).signing_key
 
 
-def test_api_refuses_to_start_without_a_secret_and_workers_need_none(tmp_path: Path) -> None:
+def test_local_secret_only_where_no_key_is_configured_nor_required(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGEQUEUE_DATA_DIR", str(tmp_path))
+    dev, local = with_local_secret(Settings(_env_file=None))
+    assert local is not None and local.created and dev.jwt_secret == local.value and len(local.value) >= 32
+    assert (tmp_path / "jwt-secret").stat().st_mode & 0o077 == 0
+    again, reused = with_local_secret(Settings(_env_file=None))
+    assert reused is not None and not reused.created and again.jwt_secret == dev.jwt_secret
+    assert verify_token(dev, token_for(Settings(_env_file=None), "alice")).id == "alice"
+    for configured in (Settings(_env_file=None, jwt_secret="s" * 32),
+                       Settings(_env_file=None, require_auth_config=True),
+                       Settings(_env_file=None, jwt_algorithms="RS256", jwt_public_key="k",
+                                url_signing_secret="u" * 32)):
+        assert with_local_secret(configured) == (configured, None)
+    with pytest.raises(ValueError, match="JWT_SECRET"):
+        token_for(Settings(_env_file=None, require_auth_config=True), "alice")
+
+
+def test_workers_need_no_secret(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JWT_", "URL_SIGNING"))}
-    api = subprocess.run([sys.executable, "-c", "from app.main import create_app; create_app()"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert api.returncode != 0 and "JWT_SECRET is required" in api.stderr, api.stderr
-    worker = subprocess.run([sys.executable, "worker.py", "--help"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=60)
+    worker = subprocess.run([sys.executable, str(ROOT / "worker.py"), "--help"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
     assert worker.returncode == 0 and "--concurrency" in worker.stdout, worker.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_signed_urls_and_stream_tokens_are_bound_and_expire() -> None:

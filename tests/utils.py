@@ -128,11 +128,11 @@ class Proc:
 
     live: ClassVar[list[Proc]] = []  # every one started; conftest kills what a test left running
 
-    def __init__(self, args: list[str], env: dict[str, str], name: str) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], name: str, cwd: Path = ROOT) -> None:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.log_path = LOG_DIR / f"{name}-{uuid.uuid4().hex[:6]}.log"
         with self.log_path.open("wb") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(args, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         Proc.live.append(self)
 
     def signal(self, sig: int) -> None:

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     jwt_issuer: str | None = None
     url_signing_secret: str | None = None
     image_url_ttl_seconds: int = Field(default=3600, ge=60)
+    # Set in the container images: no local secret is generated, JWT_SECRET or JWT_PUBLIC_KEY must be given.
+    require_auth_config: bool = False
 
     # Queue lifetime
     queue_ttl_seconds: int = Field(default=86_400, ge=60)
@@ -107,7 +109,10 @@ class Settings(BaseSettings):
         if "none" in [a.lower() for a in algs]:
             raise ValueError("JWT_ALGORITHMS may not contain 'none'")
         if any(a.startswith("HS") for a in algs) and not self.jwt_secret:
-            raise ValueError("JWT_SECRET is required for HS* algorithms (the run command generates one for local use)")
+            raise ValueError(
+                "JWT_SECRET is required for HS* algorithms (at least 16 characters; "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))' makes one)"
+            )
         if any(not a.startswith("HS") for a in algs) and not self.jwt_public_key:
             raise ValueError("JWT_PUBLIC_KEY is required for RS*/ES*/PS* algorithms")
         if self.jwt_secret is not None and len(self.jwt_secret) < 16:
