@@ -68,7 +68,20 @@ def test_public_key_algorithms_verify_and_refuse_forgeries(alg: str, key: Any) -
     with pytest.raises(Unauthorized):
         verify_token(settings, jwt.encode(_claims(), _pems(other)[0], algorithm=alg))
     with pytest.raises(Unauthorized, match="expired"):
-        verify_token(settings, jwt.encode(_claims(exp=int(time.time()) - 5), private, algorithm=alg))
+        verify_token(settings, jwt.encode(_claims(exp=int(time.time()) - 60), private, algorithm=alg))
+
+
+def test_expiry_tolerates_the_configured_clock_skew_and_no_more() -> None:
+    settings = Settings(_env_file=None, jwt_secret="s" * 32, jwt_leeway_seconds=30)
+    now = int(time.time())
+    # Issued by a host whose clock runs 20 s ahead of ours: not yet valid by our clock, within leeway.
+    ahead = jwt.encode(_claims(exp=now - 10, nbf=now + 20), "s" * 32, algorithm="HS256")
+    assert verify_token(settings, ahead).id == "alice"
+    with pytest.raises(Unauthorized, match="expired"):
+        verify_token(settings, jwt.encode(_claims(exp=now - 31), "s" * 32, algorithm="HS256"))
+    strict = Settings(_env_file=None, jwt_secret="s" * 32, jwt_leeway_seconds=0)
+    with pytest.raises(Unauthorized, match="expired"):
+        verify_token(strict, jwt.encode(_claims(exp=now - 2), "s" * 32, algorithm="HS256"))
 
 
 def test_audience_and_issuer_are_checked_when_configured() -> None:

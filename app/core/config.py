@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     jwt_public_key: str | None = None
     jwt_audience: str | None = None
     jwt_issuer: str | None = None
+    # Tokens are checked by this host's clock against their issuer's: `exp` and `nbf` tolerate this
+    # much disagreement between the two.
+    jwt_leeway_seconds: int = Field(default=30, ge=0, le=600)
     url_signing_secret: str | None = None
     image_url_ttl_seconds: int = Field(default=3600, ge=60)
     # Set in the container images: no local secret is generated, JWT_SECRET or JWT_PUBLIC_KEY must be given.

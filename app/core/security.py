@@ -67,6 +67,7 @@ def verify_token(settings: Settings, token: str) -> User:
                 # python-jose checks `aud` only when the token has one: a configured audience must be present.
                 "require_aud": settings.jwt_audience is not None,
                 "require_iss": settings.jwt_issuer is not None,
+                "leeway": settings.jwt_leeway_seconds,
             },
         )
     except jwt.ExpiredSignatureError as exc:

@@ -162,10 +162,17 @@ class GenerateResult(BaseModel):
     image: ImageResult
 
 
+class WorkerClock(BaseModel):
+    name: str
+    host: str | None = None
+    clock_offset_ms: int | None = None  # the worker host's clock minus Redis's, as last measured
+
+
 class Health(BaseModel):
     status: str
     redis: bool
     workers: int
     worker_concurrency: int = 0
     models: dict[str, Any] = Field(default_factory=dict)
+    clocks: list[WorkerClock] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)

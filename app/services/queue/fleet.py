@@ -8,16 +8,28 @@ from typing import Any
 import redis.exceptions
 
 from app.core.metrics import ApiMetrics
-from app.models.queue import Health
+from app.models.queue import Health, WorkerClock
 from app.services.models import Catalog
 from app.services.queue.states import Priority
 from app.services.queue.store import QueueStore
 
 HEALTH_REDIS_TIMEOUT_SECONDS = 2.0
+CLOCK_SKEW_WARN_MS = 2_000  # a worker host's clock this far from Redis's is flagged in /health and logged
 
 
 def _slots(workers: list[dict[str, Any]]) -> int:
     return sum(int(w.get("concurrency", 0)) for w in workers)
+
+
+def _clock_warnings(workers: list[dict[str, Any]]) -> list[str]:
+    """Workers whose host clock is far from Redis's: harmless to leases and timestamps (they use
+    Redis's clock), but a sign of a host without time sync."""
+    return [
+        f"worker {w.get('name')!r} on {w.get('host')!r}: host clock is {w['clock_offset_ms'] / 1000:+.1f} s "
+        "off the Redis server's (run NTP on it)"
+        for w in workers
+        if abs(w.get("clock_offset_ms") or 0) > CLOCK_SKEW_WARN_MS
+    ]
 
 
 class FleetService:
@@ -80,7 +92,9 @@ class FleetService:
             workers=len(workers),
             worker_concurrency=_slots(workers),
             models=models,
-            warnings=warnings,
+            clocks=[WorkerClock(name=str(w.get("name")), host=w.get("host"), clock_offset_ms=w.get("clock_offset_ms"))
+                    for w in workers],
+            warnings=warnings + _clock_warnings(workers),
         )
 
     async def ready(self) -> bool:

@@ -66,7 +66,7 @@ def _position(priority: Priority, schedule: Schedule) -> int:
     return ahead
 
 
-def _eta(meta: Mapping[str, str], counts: dict[str, int], position: int | None, model_rate: float) -> float | None:
+def _eta(meta: Mapping[str, str], counts: dict[str, int], position: int | None, schedule: Schedule) -> float | None:
     """Seconds until the queue finishes. Once some of its images have finished, from the queue's own
     pace (which already reflects its share of the workers); before that, from the model's recent
     throughput and the images ahead of it."""
@@ -74,10 +74,10 @@ def _eta(meta: Mapping[str, str], counts: dict[str, int], position: int | None, 
     done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
     started = meta.get("started_at")
     if started and done and meta.get("attempt", "1") == "1":
-        elapsed = max(0.001, time.time() - int(started) / 1000)
+        elapsed = max(0.001, (schedule.server_ms - int(started)) / 1000)  # both by Redis's clock
         return round(remaining * elapsed / done, 1)
-    if model_rate > 0:
-        return round(((position or 0) + remaining) / model_rate, 1)
+    if schedule.rate > 0:
+        return round(((position or 0) + remaining) / schedule.rate, 1)
     return None
 
 
@@ -450,7 +450,7 @@ class QueueService:
         eta: float | None = None
         if schedule is not None and not meta.get("finished_at"):
             position = _position(Priority(meta["priority"]), schedule) if counts["pending"] else None
-            eta = _eta(meta, counts, position, schedule.rate)
+            eta = _eta(meta, counts, position, schedule)
         webhook = json.loads(meta["webhook"]) if meta.get("webhook") else None
         if webhook is not None and meta.get("webhook_state"):
             webhook["deliveries"] = json.loads(meta["webhook_state"])
@@ -543,7 +543,7 @@ class QueueService:
         images_limit: int | None = None,
     ) -> tuple[list[QueueStatus], int]:
         uk = user_key(user_id)
-        horizon = int((time.time() - self.settings.queue_ttl_seconds) * 1000)
+        horizon = await self.store.server_time_ms() - self.settings.queue_ttl_seconds * 1000
         ids = await self.store.user_queue_ids(uk, "hist", min_score=horizon)
         metas = await self.store.metas(ids)
         rows = [(qid, m) for qid, m in zip(ids, metas, strict=True) if m is not None and m.get("finished_at")]

@@ -38,7 +38,6 @@ import functools
 import hashlib
 import json
 import re
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -66,6 +65,7 @@ USER_KEY_SUFFIXES = (":active", ":hist", ":ev", ":stats")
 LEASES_KEY = PREFIX + "leases"
 INFLIGHT_KEY = PREFIX + "inflight"
 WORKERS_KEY = PREFIX + "workers"
+WORKER_KEY_PREFIX = PREFIX + "w:"
 STATS_KEY = PREFIX + "stats"
 SEQ_KEY = PREFIX + "seq"
 WEBHOOKS_DUE_KEY = PREFIX + "wh:due"
@@ -76,10 +76,7 @@ THROUGHPUT_WINDOW_BUCKETS = 6
 THROUGHPUT_BUCKET_TTL_SECONDS = 120  # outlives the window of THROUGHPUT_WINDOW_BUCKETS buckets
 REAP_BATCH = 200
 PROVIDER_HEALTH_TTL_SECONDS = 3600
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
+PROVIDER_ERROR_CHARS = 500
 
 
 def user_key(user_id: str) -> str:
@@ -92,7 +89,7 @@ def queue_key(queue_id: str) -> str:
 
 
 def worker_key(name: str) -> str:
-    return f"{PREFIX}w:{name}"
+    return WORKER_KEY_PREFIX + name
 
 
 def _user(uk: str, suffix: str) -> str:
@@ -100,7 +97,7 @@ def _user(uk: str, suffix: str) -> str:
 
 
 LUA_DIR = Path(__file__).with_name("lua")
-LUA_FILES = ("create", "claim", "settle", "lifecycle", "webhooks", "summary")  # besides preamble.lua
+LUA_FILES = ("create", "claim", "settle", "lifecycle", "webhooks", "summary", "workers")  # besides preamble.lua
 
 
 def _lua_constants() -> dict[str, Any]:
@@ -111,6 +108,9 @@ def _lua_constants() -> dict[str, Any]:
         "USER_KEY_SUFFIXES": USER_KEY_SUFFIXES,
         "LEASES_KEY": LEASES_KEY,
         "INFLIGHT_KEY": INFLIGHT_KEY,
+        "WORKERS_KEY": WORKERS_KEY,
+        "PROVIDER_HEALTH_TTL_SECONDS": PROVIDER_HEALTH_TTL_SECONDS,
+        "WORKER_KEY_PREFIX": WORKER_KEY_PREFIX,
         "STATS_KEY": STATS_KEY,
         "SEQ_KEY": SEQ_KEY,
         "WEBHOOKS_DUE_KEY": WEBHOOKS_DUE_KEY,
@@ -233,7 +233,6 @@ class QueueStore:
             "create",
             queue_id,
             uk,
-            now_ms(),
             safety_ttl,
             json.dumps(dict(fields)),
             spec,
@@ -249,12 +248,12 @@ class QueueStore:
         return CreateResult(outcome, value)
 
     async def cancel(self, queue_id: str, uk: str, ttl: int, user_ttl: int) -> CancelOutcome:
-        return CancelOutcome(_s(await self._run("cancel", queue_id, uk, now_ms(), ttl, user_ttl)))
+        return CancelOutcome(_s(await self._run("cancel", queue_id, uk, ttl, user_ttl)))
 
     async def retry(
         self, queue_id: str, uk: str, include_cancelled: bool, safety_ttl: int
     ) -> tuple[RetryOutcome, int]:
-        res = await self._run("retry", queue_id, uk, "1" if include_cancelled else "0", now_ms(), safety_ttl)
+        res = await self._run("retry", queue_id, uk, "1" if include_cancelled else "0", safety_ttl)
         return RetryOutcome(_s(res[0])), int(res[1])
 
     async def delete(self, queue_id: str, uk: str) -> DeleteOutcome:
@@ -345,7 +344,7 @@ class QueueStore:
     async def claim(
         self, worker: str, models: Sequence[str], n: int, caps: Mapping[str, int], lease_ms: int
     ) -> ClaimResult:
-        res = await self._run("claim", worker, now_ms(), lease_ms, n, json.dumps(dict(caps)), json.dumps(list(models)))
+        res = await self._run("claim", worker, lease_ms, n, json.dumps(dict(caps)), json.dumps(list(models)))
         claims = [Claim(_s(res[i]), int(res[i + 1]), int(res[i + 2])) for i in range(2, len(res), 3)]
         return ClaimResult(claims, int(res[0]), bool(int(res[1])))
 
@@ -367,7 +366,6 @@ class QueueStore:
                 claim.index,
                 claim.attempt,
                 outcome.value,
-                now_ms(),
                 error,
                 ttl,
                 user_ttl,
@@ -383,7 +381,7 @@ class QueueStore:
             for r in reports:
                 await script(
                     keys=[],
-                    args=[r.claim.queue_id, r.claim.index, r.claim.attempt, r.outcome.value, now_ms(), r.error,
+                    args=[r.claim.queue_id, r.claim.index, r.claim.attempt, r.outcome.value, r.error,
                           ttl, user_ttl, r.blob, r.content_type],
                     client=pipe,
                 )
@@ -392,11 +390,11 @@ class QueueStore:
 
     async def renew(self, members: Sequence[str], lease_ms: int) -> None:
         if members:
-            await self._run("renew", now_ms() + lease_ms, *members)
+            await self._run("renew", lease_ms, *members)
 
     async def reap(self, max_lost: int, ttl: int, user_ttl: int) -> list[str]:
         """Re-queue images whose worker stopped renewing their lease; returns the models touched."""
-        res = await self._run("reap", now_ms(), REAP_BATCH, max_lost, ttl, user_ttl)
+        res = await self._run("reap", REAP_BATCH, max_lost, ttl, user_ttl)
         return sorted({_s(m) for m in res})
 
     async def claimable(self, model: str) -> int:
@@ -422,11 +420,10 @@ class QueueStore:
 
     async def summary(self, queue_id: str) -> tuple[dict[str, str], Schedule | None] | None:
         """The meta hash and, while the queue runs, its place in the schedule: one round trip."""
-        bucket = now_ms() // THROUGHPUT_BUCKET_MS
-        res = await self._run("summary", queue_id, bucket, THROUGHPUT_WINDOW_BUCKETS)
+        res = await self._run("summary", queue_id, THROUGHPUT_WINDOW_BUCKETS)
         if not res:
             return None
-        flat, extra = res
+        flat, extra, server_ms = res
         meta = {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
         if not extra:
             return meta, None
@@ -437,15 +434,14 @@ class QueueStore:
             user_rank=None if user_rank < 0 else user_rank,
             users=users,
             queue_rank=None if queue_rank < 0 else queue_rank,
-            rate=_rate([int(v) for v in extra[6:]]),
+            rate=_rate([int(v) for v in extra[6:]], int(server_ms)),
+            server_ms=int(server_ms),
         )
 
     async def throughput(self, model: str) -> float:
         """Images finished per second over the last minute, for ETAs."""
-        bucket = now_ms() // THROUGHPUT_BUCKET_MS
-        keys = [f"{PREFIX}tp:{model}:{bucket - i}" for i in range(THROUGHPUT_WINDOW_BUCKETS + 1)]
-        values = await self.redis.mget(keys)
-        return _rate([int(v or 0) for v in values])
+        *values, server_ms = await self._run("throughput", model, THROUGHPUT_WINDOW_BUCKETS)
+        return _rate([int(v) for v in values], int(server_ms))
 
     async def finished_totals(self) -> dict[str, int]:
         raw = await self.redis.hgetall(STATS_KEY)
@@ -459,12 +455,7 @@ class QueueStore:
 
     # -- provider health ----------------------------------------------------------------------
     async def record_provider(self, model: str, ok: bool, error: str = "") -> None:
-        key = f"{PREFIX}health:{model}"
-        fields: Any = {"ok_at": now_ms()} if ok else {"error_at": now_ms(), "error": error[:500]}
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, PROVIDER_HEALTH_TTL_SECONDS)
-            await pipe.execute()
+        await self._run("provider_note", model, "1" if ok else "0", error[:PROVIDER_ERROR_CHARS])
 
     async def provider_health(self, model: str) -> dict[str, str]:
         raw = await self.redis.hgetall(f"{PREFIX}health:{model}")
@@ -483,13 +474,9 @@ class QueueStore:
         return max(0, int(await self.redis.pttl(f"{PREFIX}backoff:{model}")))
 
     # -- workers ----------------------------------------------------------------------------
-    async def register_worker(self, name: str, info: Mapping[str, Any], ttl_ms: int) -> None:
-        expiry = now_ms() + ttl_ms
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(WORKERS_KEY, {name: expiry})
-            pipe.set(worker_key(name), json.dumps(dict(info)), px=ttl_ms)
-            pipe.zremrangebyscore(WORKERS_KEY, "-inf", now_ms())
-            await pipe.execute()
+    async def register_worker(self, name: str, info: Mapping[str, Any], ttl_ms: int) -> int:
+        """Marks a worker alive for `ttl_ms` of the server's clock; returns the server's time (ms)."""
+        return int(await self._run("register_worker", name, json.dumps(dict(info)), ttl_ms))
 
     async def unregister_worker(self, name: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -498,15 +485,17 @@ class QueueStore:
             await pipe.execute()
 
     async def workers(self) -> list[dict[str, Any]]:
-        names = [_s(n) for n in await self.redis.zrangebyscore(WORKERS_KEY, now_ms(), "+inf")]
-        if not names:
-            return []
-        values = await self.redis.mget([worker_key(n) for n in names])
-        return [json.loads(v) for v in values if v is not None]
+        _, *infos = await self._run("live_workers")
+        return [json.loads(v) for v in infos]
+
+    async def server_time_ms(self) -> int:
+        """Redis's clock, which every decision about time is made by (leases, schedules, timestamps)."""
+        seconds, micros = await self.redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
 
     # -- webhooks ---------------------------------------------------------------------------
     async def lease_webhooks(self, limit: int, lease_ms: int) -> list[str]:
-        return [_s(q) for q in await self._run("webhook_lease", now_ms(), limit, lease_ms)]
+        return [_s(q) for q in await self._run("webhook_lease", limit, lease_ms)]
 
     async def webhook_job(self, queue_id: str) -> dict[str, str | None]:
         return await self.queue_fields(queue_id, ("webhook", "wh_cursor", "webhook_state", "user"))
@@ -516,10 +505,11 @@ class QueueStore:
         return [(_s(i), json.loads(f[b"d"])) for i, f in rows]
 
     async def webhook_progress(
-        self, queue_id: str, cursor: str, state: Mapping[str, Any], next_due_ms: int | None
+        self, queue_id: str, cursor: str, state: Mapping[str, Any], next_due_in_ms: int | None
     ) -> None:
         await self._run(
-            "webhook_progress", queue_id, cursor, json.dumps(dict(state)), "" if next_due_ms is None else next_due_ms
+            "webhook_progress", queue_id, cursor, json.dumps(dict(state)),
+            "" if next_due_in_ms is None else next_due_in_ms,
         )
 
     # -- events -----------------------------------------------------------------------------
@@ -552,11 +542,12 @@ class Schedule:
     users: int
     queue_rank: int | None
     rate: float
+    server_ms: int  # Redis's clock when this was read
 
 
-def _rate(buckets: list[int]) -> float:
-    """Images/s over the whole buckets plus the current one's elapsed part."""
-    elapsed_in_current = (now_ms() % THROUGHPUT_BUCKET_MS) / 1000
+def _rate(buckets: list[int], server_ms: int) -> float:
+    """Images/s over the whole buckets plus the current one's elapsed part (by the server's clock)."""
+    elapsed_in_current = (server_ms % THROUGHPUT_BUCKET_MS) / 1000
     window = THROUGHPUT_WINDOW_BUCKETS * THROUGHPUT_BUCKET_MS / 1000 + elapsed_in_current
     return sum(buckets) / window
 

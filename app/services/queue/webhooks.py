@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from app.services.queue.states import ImageStatus, QueueState, WebhookEvent
-from app.services.queue.store import QueueStore, now_ms
+from app.services.queue.store import QueueStore
 
 log = logging.getLogger("imagequeue.webhooks")
 
@@ -153,9 +153,10 @@ class WebhookDispatcher:
                 cursor = event_id
                 continue
             ok, status, error = await self._post(url, addresses[0] if addresses else None, event_id, kind, event)
+            now = await self.store.server_time_ms()  # Redis's clock: workers' clocks may disagree
             state["attempts"] += 1
             state["last_status"] = status
-            state["last_attempt_at"] = now_ms()
+            state["last_attempt_at"] = now
             if ok:
                 state["delivered"] += 1
                 state["last_error"] = None
@@ -164,8 +165,8 @@ class WebhookDispatcher:
                 cursor = event_id
                 continue
             state["last_error"] = error
-            failing_since = state.setdefault("failing_since", now_ms())
-            if now_ms() - failing_since > self.max_retry_seconds * 1000:
+            failing_since = state.setdefault("failing_since", now)
+            if now - failing_since > self.max_retry_seconds * 1000:
                 log.warning("webhook gave up on an event after retrying", extra={"queue_id": queue_id})
                 state["dropped"] += 1
                 state.pop("failing_since", None)
@@ -174,8 +175,8 @@ class WebhookDispatcher:
             failures = state.get("consecutive_failures", 0) + 1
             state["consecutive_failures"] = failures
             delay = min(MAX_BACKOFF_SECONDS, 2 ** min(failures, 10)) * random.uniform(0.5, 1.0)
-            state["next_attempt_at"] = now_ms() + int(delay * 1000)
-            await self.store.webhook_progress(queue_id, cursor, state, state["next_attempt_at"])
+            state["next_attempt_at"] = now + int(delay * 1000)
+            await self.store.webhook_progress(queue_id, cursor, state, int(delay * 1000))
             return
         state["consecutive_failures"] = 0
         await self.store.webhook_progress(queue_id, cursor, state, None)

@@ -2,10 +2,11 @@
 -- and then between each user's queues, within the models' concurrency caps and back-offs.
 
 -- @script claim
--- ARGV: worker, now, lease_ms, n, caps_json {model: cap}, models_json [..]
-local worker, now, lease_ms, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local caps = cjson.decode(ARGV[5])
-local models = cjson.decode(ARGV[6])
+-- ARGV: worker, lease_ms, n, caps_json {model: cap}, models_json [..]
+local worker, lease_ms, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local caps = cjson.decode(ARGV[4])
+local models = cjson.decode(ARGV[5])
+local now = server_now()
 local out = {0, 0}
 local claimed = 0
 local wait_ms, capped = 0, 0

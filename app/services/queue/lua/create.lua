@@ -1,11 +1,12 @@
 -- A new queue: admission limits, the Idempotency-Key, its meta and spec, its place in the schedule.
 
 -- @script create
--- ARGV: qid, uk, now, safety_ttl, meta_json, spec, idem_key, fingerprint, idem_ttl, max_pending, max_active
-local qid, uk, now, safety = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local fields = cjson.decode(ARGV[5])
-local idem_key, fingerprint, idem_ttl = ARGV[7], ARGV[8], tonumber(ARGV[9])
-local max_pending, max_active = tonumber(ARGV[10]), tonumber(ARGV[11])
+-- ARGV: qid, uk, safety_ttl, meta_json, spec, idem_key, fingerprint, idem_ttl, max_pending, max_active
+local qid, uk, safety = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local fields = cjson.decode(ARGV[4])
+local idem_key, fingerprint, idem_ttl = ARGV[6], ARGV[7], tonumber(ARGV[8])
+local max_pending, max_active = tonumber(ARGV[9]), tonumber(ARGV[10])
+local now = server_now()
 if idem_key ~= '' then
   local prior = redis.call('GET', idem_key)
   -- A key whose queue is gone (deleted, or expired before the key) no longer names anything: the
@@ -36,7 +37,7 @@ end
 redis.call('HSET', q, unpack(flat))
 redis.call('HSET', q, 'uk', uk, 'status', QueueState.PENDING, 'pending', total, 'running', 0, 'succeeded', 0,
   'failed', 0, 'cancelled', 0, 'cursor', 0, 'created_at', now)
-redis.call('SET', q .. ':spec', ARGV[6])
+redis.call('SET', q .. ':spec', ARGV[5])
 local m = meta(q)
 sched_add(qid, uk, m.model, m.priority)
 add_pending(m, total)

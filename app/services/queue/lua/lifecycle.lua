@@ -1,8 +1,8 @@
 -- What a queue's owner does to it once created: cancel, retry, delete.
 
 -- @script cancel
--- ARGV: qid, uk, now, ttl, user_ttl
-local qid, uk, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+-- ARGV: qid, uk, ttl, user_ttl
+local qid, uk, now = ARGV[1], ARGV[2], server_now()
 local q = qkey(qid)
 local m = meta(q)
 if (not m) or m.uk ~= uk then return CancelOutcome.NOT_FOUND end
@@ -27,12 +27,13 @@ add_pending(m, -cancelled)
 sched_remove(qid, uk, m.model, m.priority)
 emit(qid, uk, {type = 'queue', status = QueueState.CANCELLED}, now)
 redis.call('PUBLISH', CANCEL_CHANNEL, qid)
-finalize_if_done(qid, now, tonumber(ARGV[4]), tonumber(ARGV[5]))
+finalize_if_done(qid, now, tonumber(ARGV[3]), tonumber(ARGV[4]))
 return CancelOutcome.CANCELLED
 
 -- @script retry
--- ARGV: qid, uk, include_cancelled ('1'|'0'), now, safety_ttl
-local qid, uk, with_cancelled, now, safety = ARGV[1], ARGV[2], ARGV[3] == '1', tonumber(ARGV[4]), tonumber(ARGV[5])
+-- ARGV: qid, uk, include_cancelled ('1'|'0'), safety_ttl
+local qid, uk, with_cancelled, safety = ARGV[1], ARGV[2], ARGV[3] == '1', tonumber(ARGV[4])
+local now = server_now()
 local q = qkey(qid)
 local m = meta(q)
 if (not m) or m.uk ~= uk then return {RetryOutcome.NOT_FOUND, 0} end

@@ -3,6 +3,14 @@
 -- this file, then the head of its own file (before the first "-- @script"), then its section.
 -- The key layout is documented once, in store.py.
 
+-- Every time that decides something (leases, reaping, timestamps, throughput buckets, webhook
+-- schedules) is Redis's own clock, so hosts whose clocks disagree still agree on what has expired.
+-- Scripts are replicated by their effects (Redis 7, Valkey), so reading TIME before writing is safe.
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
 local function qkey(qid) return P .. 'q:{' .. qid .. '}' end
 local function ukey(uk) return P .. 'u:' .. uk end
 local function ring(model, prio) return P .. 's:' .. model .. ':' .. prio end

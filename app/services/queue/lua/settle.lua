@@ -46,19 +46,20 @@ local function settle(qid, idx, rec, outcome, err, now, ttl, user_ttl, blob, cty
 end
 
 -- @script complete
--- ARGV: qid, idx, attempt, outcome, now, error, ttl, user_ttl, blob, content_type
+-- ARGV: qid, idx, attempt, outcome, error, ttl, user_ttl, blob, content_type
 local qid, idx, attempt = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local q = qkey(qid)
 if redis.call('EXISTS', q) == 0 then return Discarded.GONE end
 local rec = get_rec(q, idx)
 if (not rec) or rec.s ~= ImageStatus.RUNNING or tonumber(rec.a) ~= attempt then return Discarded.STALE end
-return settle(qid, idx, rec, ARGV[4], ARGV[6], tonumber(ARGV[5]), tonumber(ARGV[7]), tonumber(ARGV[8]),
-  ARGV[9], ARGV[10])
+return settle(qid, idx, rec, ARGV[4], ARGV[5], server_now(), tonumber(ARGV[6]), tonumber(ARGV[7]),
+  ARGV[8], ARGV[9])
 
 -- @script reap
--- ARGV: now, limit, max_lost, ttl, user_ttl. Re-queues (or fails) images whose lease lapsed.
-local now, limit, max_lost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local ttl, user_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+-- ARGV: limit, max_lost, ttl, user_ttl. Re-queues (or fails) images whose lease lapsed.
+local limit, max_lost = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ttl, user_ttl = tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = server_now()
 local expired = redis.call('ZRANGEBYSCORE', LEASES_KEY, '-inf', now, 'LIMIT', 0, limit)
 local models = {}
 for _, member in ipairs(expired) do
@@ -82,8 +83,8 @@ end
 return models
 
 -- @script renew
--- ARGV: expiry, members... Extends leases that still exist (a reaped lease stays reaped).
-local expiry = ARGV[1]
+-- ARGV: lease_ms, members... Extends leases that still exist (a reaped lease stays reaped).
+local expiry = server_now() + tonumber(ARGV[1])
 local args = {}
 for i = 2, #ARGV do
   args[#args + 1] = expiry

@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import httpx
@@ -15,6 +15,7 @@ import redis
 import redis.asyncio
 
 from app.core.config import Settings
+from app.services.queue.fleet import CLOCK_SKEW_WARN_MS
 from app.services.queue.states import QueueState
 from app.services.queue.store import CANCEL_CHANNEL, QueueStore
 from app.services.queue.tickets import Tickets
@@ -54,6 +55,7 @@ class Duties:
         self.tickets = tickets
         self.slots = slots
         self.busy = busy  # draining or stopping: no top-up needed
+        self.clock_offset_ms: int | None = None  # this host's clock minus Redis's, as last measured
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         s = self.settings
@@ -73,26 +75,51 @@ class Duties:
     async def heartbeat(self) -> None:
         """Renews the leases of our images and announces the worker (GET /health lists it)."""
         s = self.settings
-        info = {
+        info: dict[str, Any] = {
             "name": self.name,
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "concurrency": self.slots.concurrency,
             "models": self.models,
-            "started_at": int(time.time()),
         }
         while True:
             try:
                 members = self.slots.lease_members()
                 await self.store.renew(members, int(s.worker_lease_seconds * 1000))
-                await self.store.register_worker(
+                if self.clock_offset_ms is None:
+                    self._note_clock(*await self._timed(self.store.server_time_ms()))
+                info.setdefault("started_at", (time.time() * 1000 - (self.clock_offset_ms or 0)) // 1000)
+                self._note_clock(*await self._timed(self.store.register_worker(
                     self.name,
-                    {**info, "in_flight": len(members), "images_done": self.slots.images_done},
+                    {**info, "in_flight": len(members), "images_done": self.slots.images_done,
+                     "clock_offset_ms": self.clock_offset_ms},
                     int(s.worker_lease_seconds * 1000),
-                )
+                )))
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc, extra={"worker": self.name})
             await asyncio.sleep(s.worker_heartbeat_seconds)
+
+    @staticmethod
+    async def _timed(call: Awaitable[int]) -> tuple[float, int, float]:
+        """This host's clock before and after a call that answers Redis's time (ms), around it."""
+        before = time.time() * 1000
+        server_ms = await call
+        return before, server_ms, time.time() * 1000
+
+    def _note_clock(self, before: float, server_ms: int, after: float) -> None:
+        """How far this host's clock is from Redis's, which every lease and timestamp is measured by.
+        Nothing here depends on it; it is shown in /health and logged, since a skewed clock signals
+        a host without time sync (signed URLs and tokens are checked by the API host's clock)."""
+        offset = round((before + after) / 2 - server_ms)
+        skewed = abs(offset) > CLOCK_SKEW_WARN_MS
+        was_skewed = self.clock_offset_ms is not None and abs(self.clock_offset_ms) > CLOCK_SKEW_WARN_MS
+        if skewed and not was_skewed:
+            log.warning("this host's clock is %+d ms off the Redis server's clock", offset,
+                        extra={"worker": self.name, "clock_offset_ms": offset})
+        elif was_skewed and not skewed:
+            log.info("this host's clock agrees with the Redis server's again (%+d ms)", offset,
+                     extra={"worker": self.name, "clock_offset_ms": offset})
+        self.clock_offset_ms = offset
 
     # -- reaper and top-up --------------------------------------------------------------------
     async def reaper(self) -> None:
