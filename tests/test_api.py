@@ -32,7 +32,7 @@ def test_bad_tokens_are_401(client: httpx.Client) -> None:
     now = int(time.time())
     bad = {
         "malformed": "not-a-jwt",
-        "expired": token("u", ttl=-10),
+        "expired": token("u", ttl=-120),  # past the 30 s clock-skew leeway
         "wrong signature": token("u", secret="another-secret-of-enough-length"),
         "no sub": jwt.encode({"exp": now + 60}, TEST_SECRET, algorithm="HS256"),
         "no exp": jwt.encode({"sub": "u"}, TEST_SECRET, algorithm="HS256"),
