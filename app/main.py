@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 import redis.asyncio
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
@@ -45,7 +45,21 @@ PAGE_HEADERS = {
     "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
 }
+
+
+class ClientFiles(StaticFiles):
+    """The web client's files, revalidated on each load so a page never mixes modules of two versions."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        # Browsers run module scripts only when served as JavaScript, whatever the host's MIME table says.
+        if path.endswith(".js") and response.status_code == 200:
+            response.headers["Content-Type"] = "text/javascript; charset=utf-8"
+        return response
 
 
 def redis_clients(settings: Settings) -> tuple[redis.asyncio.Redis, redis.Redis]:
@@ -172,7 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
 
     if (STATIC_DIR / "index.html").exists():
-        app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+        app.mount("/static", ClientFiles(directory=STATIC_DIR), name="static")
 
         @app.get("/", include_in_schema=False)
         async def index() -> FileResponse:

@@ -315,7 +315,8 @@ def test_web_client_page_has_a_strict_content_security_policy(client: httpx.Clie
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     csp = page.headers["content-security-policy"]
     assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
-    assert client.get("/static/app.js").status_code == 200
+    script = client.get("/static/js/main.js")  # a module script runs only with a JavaScript type
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
 
 
 def test_status_images_can_be_paged(client: httpx.Client) -> None:
