@@ -32,7 +32,7 @@ import httpx
 DEFAULT_TIMEOUT_SECONDS = 30.0
 STREAM_READ_TIMEOUT_SECONDS = 60.0  # the server pings an idle event stream every 15 s
 WAIT_BUDGET_SECONDS = 600.0  # how long one call waits out 429 and 503 answers in all
-RECONNECT_BUDGET_SECONDS = 60.0  # how long a lost event stream is retried before giving up
+RECONNECT_BUDGET_SECONDS = 60.0  # how long a lost connection is retried (once the server has answered)
 DEFAULT_RETRY_AFTER_SECONDS = 5.0
 RECONNECT_DELAYS_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
@@ -206,34 +206,46 @@ class _Call:
 
 
 class _Bearer(httpx.Auth):
-    """The token on requests to the server's own origin only (redirects elsewhere lose it in httpx too)."""
+    """The token on requests to the server's own origin only (redirects elsewhere lose it in httpx too);
+    `answered` once any response came back, from which point a lost connection is worth retrying."""
 
     def __init__(self, token: str | None, base: httpx.URL) -> None:
         self.token = token
         self.origin = (base.scheme, base.host, base.port)
+        self.answered = False
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         if self.token and (request.url.scheme, request.url.host, request.url.port) == self.origin:
             request.headers["Authorization"] = f"Bearer {self.token}"
         yield request
+        self.answered = True
 
 
 class _Patience:
-    """`with patience:` around one attempt: an answer worth waiting out (429, 503) is swallowed while the
-    budget lasts, with `delay` set to its Retry-After; transport errors leave as `Unreachable`."""
+    """`with patience:` around one attempt. An answer worth waiting out (429, 503) is swallowed while the
+    budget lasts, `delay` set to its Retry-After. A connection lost once the server has answered (it
+    restarted, a proxy cut it) is retried with back-off for RECONNECT_BUDGET_SECONDS; a server never
+    reached fails at once. What is not retried leaves as is, transport errors as `Unreachable`."""
 
-    def __init__(self, base: httpx.URL, on_wait: WaitHook, budget: float = WAIT_BUDGET_SECONDS) -> None:
+    def __init__(self, bearer: _Bearer, base: httpx.URL, on_wait: WaitHook) -> None:
+        self.bearer = bearer
         self.base = base
         self.on_wait = on_wait
-        self.deadline = time.monotonic() + budget
+        self.deadline = time.monotonic() + WAIT_BUDGET_SECONDS
         self.delay = 0.0
+        self._lost_since: float | None = None
+        self._drops = 0
 
     def __enter__(self) -> _Patience:
+        self.delay = 0.0
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
         if isinstance(exc, httpx.TransportError):
-            raise _unreachable(self.base, exc) from exc
+            lost = _unreachable(self.base, exc)
+            if self.reconnects(lost):
+                return True
+            raise lost from exc
         return isinstance(exc, RateLimited | Unavailable) and self.waits_out(exc)
 
     def waits_out(self, exc: APIError) -> bool:
@@ -244,24 +256,36 @@ class _Patience:
         self.on_wait(exc, delay)
         return True
 
+    def reconnects(self, lost: Unreachable) -> bool:
+        now = time.monotonic()
+        self._lost_since = self._lost_since or now
+        if not self.bearer.answered or now - self._lost_since > RECONNECT_BUDGET_SECONDS:
+            return False
+        self.delay = RECONNECT_DELAYS_SECONDS[min(self._drops, len(RECONNECT_DELAYS_SECONDS) - 1)]
+        self._drops += 1
+        self.on_wait(lost, self.delay)
+        return True
+
+    def connected(self) -> None:
+        self._lost_since, self._drops = None, 0
+
 
 class _EventStream:
     """One queue's events across reconnections: SSE decoding, the Last-Event-ID to resume from, and (as
     `with stream:` around one connection) what to do when it drops: wait and reconnect, or give up."""
 
-    def __init__(self, base: httpx.URL, queue_id: str, last_event_id: str | None, on_wait: WaitHook) -> None:
-        self.base = base
+    def __init__(self, patience: _Patience, queue_id: str, last_event_id: str | None) -> None:
+        self.patience = patience
         self.queue_id = queue_id
         self.last_id = last_event_id
-        self.on_wait = on_wait
         self.ended = False
-        self.delay = 0.0
-        self._patience = _Patience(base, on_wait)
-        self._lost_since: float | None = None
-        self._drops = 0
         self._type = ""
         self._data: list[str] = []
         self._id: str | None = None
+
+    @property
+    def delay(self) -> float:
+        return self.patience.delay
 
     def call(self) -> _Call:
         headers = {"Accept": "text/event-stream"}
@@ -289,7 +313,7 @@ class _EventStream:
         self._type, self._data, self._id = "", [], None
         if not data and kind == "message":
             return None
-        self._lost_since, self._drops = None, 0  # something arrived: the connection works
+        self.patience.connected()
         if event_id:
             self.last_id = event_id
         if kind == "end":
@@ -302,30 +326,20 @@ class _EventStream:
         return Event(kind, decoded if isinstance(decoded, dict) else {"value": decoded}, event_id)
 
     def __enter__(self) -> _EventStream:
-        self.delay = 0.0
+        self.patience.__enter__()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
-        if self.ended and exc is None:
+        if exc is None and self.ended:
             return False
-        if isinstance(exc, RateLimited | Unavailable):
-            if self._patience.waits_out(exc):
-                self.delay = self._patience.delay
+        if exc is None or isinstance(exc, httpx.TransportError | Unreachable):
+            # The connection failed, or closed before the final event: resume after the last event seen.
+            reason = _unreachable(self.patience.base, exc) if isinstance(exc, httpx.TransportError) else exc
+            lost = Unreachable(f"lost the event stream of queue {self.queue_id}: {reason or 'closed by the server'}")
+            if self.patience.reconnects(lost):
                 return True
-            return False
-        if exc is not None and not isinstance(exc, httpx.TransportError | Unreachable):
-            return False
-        # The connection failed or closed before the final event: reconnect from the last event seen.
-        now = time.monotonic()
-        self._lost_since = self._lost_since or now
-        reason = _unreachable(self.base, exc) if isinstance(exc, httpx.TransportError) else exc
-        lost = Unreachable(f"lost the event stream of queue {self.queue_id}: {reason or 'closed by the server'}")
-        if now - self._lost_since > RECONNECT_BUDGET_SECONDS:
             raise lost from exc
-        self.delay = RECONNECT_DELAYS_SECONDS[min(self._drops, len(RECONNECT_DELAYS_SECONDS) - 1)]
-        self._drops += 1
-        self.on_wait(lost, self.delay)
-        return True
+        return isinstance(exc, RateLimited | Unavailable) and self.patience.waits_out(exc)
 
 
 J = TypeVar("J")  # what a JSON call returns: the decoded body, or an awaitable of it
@@ -338,18 +352,18 @@ class _API(Generic[J, D]):
 
     def __init__(self, url: str, token: str | None, on_wait: WaitHook | None) -> None:
         self.url = httpx.URL(url)
-        self.token = token
         self.on_wait: WaitHook = on_wait or (lambda error, seconds: None)
+        self._bearer = _Bearer(token, self.url)
 
     def _options(self, timeout: float) -> dict[str, Any]:
-        return {"base_url": self.url, "auth": _Bearer(self.token, self.url), "timeout": timeout,
+        return {"base_url": self.url, "auth": self._bearer, "timeout": timeout,
                 "headers": {"User-Agent": USER_AGENT, "Accept": "application/json"}}
 
     def _patience(self) -> _Patience:
-        return _Patience(self.url, self.on_wait)
+        return _Patience(self._bearer, self.url, self.on_wait)
 
     def _stream(self, queue_id: str, last_event_id: str | None) -> _EventStream:
-        return _EventStream(self.url, queue_id, last_event_id, self.on_wait)
+        return _EventStream(self._patience(), queue_id, last_event_id)
 
     def _call(self, call: _Call) -> Any:
         raise NotImplementedError

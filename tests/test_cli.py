@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import io
 import json
@@ -12,10 +13,12 @@ import select
 import shlex
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,6 +213,78 @@ def test_ctrl_c_leaves_the_queue_running_and_follow_resumes_it(
     assert len(images_in(tmp_path)) == 30 and had <= set(images_in(tmp_path))
     assert resumed.stdout.count("exists") >= len(had)
     assert (tmp_path / f"queue-{queue_id}.json").is_file()
+
+
+class CuttingProxy:
+    """A TCP proxy to the API on a free port whose open connections the test can cut, as a flaky network would."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sent = bytearray()  # what clients sent, to see the requests they made
+        self.connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self.connections += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if from_client:
+                    with self._lock:
+                        self.sent += data
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):  # the other direction's thread sees the end too
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+            source.close()
+
+    def cut(self) -> None:
+        with self._lock:
+            for connection in self.connections:
+                with contextlib.suppress(OSError):
+                    connection.shutdown(socket.SHUT_RDWR)
+            self.connections.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def test_a_dropped_event_stream_resumes_from_the_last_event(
+        stack: Stack, client: httpx.Client, tmp_path: Path) -> None:
+    proxy = CuttingProxy(int(stack.base_url.rsplit(":", 1)[1]))
+    try:
+        user = new_user()
+        proc = start_cli(cli_env(f"http://127.0.0.1:{proxy.port}", user), "generate", "a glacier", "--count",
+                         "48", "--size", "64x64", "--param", "latency_ms=400", "--out", str(tmp_path))
+        wait_until(lambda: images_in(tmp_path), 60, what="a first image on disk")
+        proxy.cut()
+        assert proc.proc.wait(90) == 0, proc.output()
+    finally:
+        proxy.close()
+    said = proc.output()
+    assert "lost the event stream" in said and "reconnecting" in said
+    requests = bytes(proxy.sent).decode("latin-1").lower()
+    assert requests.count("get /queue-events/") >= 2 and "last-event-id: " in requests
+    assert len(images_in(tmp_path)) == 48
+    assert said.count("saved ") == 48 and "exists" not in said  # no image fetched or reported twice
+    assert history_total(client, user) == 1
 
 
 def test_cancel_on_interrupt_cancels_the_queue(stack: Stack, client: httpx.Client, tmp_path: Path) -> None:
