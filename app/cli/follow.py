@@ -30,6 +30,7 @@ class Follower:
         self.wanted_format = wanted_format
         self.kept: set[int] = set()
         self.lost: set[int] = set()  # succeeded, but could not be fetched
+        self.settled: set[int] = set()  # not running (any more): late step reports are ignored
         self._format_noted = False
         self.status_file: Path | None = None
 
@@ -61,13 +62,16 @@ class Follower:
             step, steps = int(data["step"]), int(data["steps"])
         except (KeyError, TypeError, ValueError):
             return
-        self.view.step(data["index"], self._info(data["index"])["prompt"], step, steps)
+        if data["index"] not in self.settled:
+            self.view.step(data["index"], self._info(data["index"])["prompt"], step, steps)
 
     def _image(self, data: dict[str, Any]) -> None:
         index, status = data["index"], data.get("status")
         if status == "running":
+            self.settled.discard(index)
             self.view.running(index, self._info(index)["prompt"])
             return
+        self.settled.add(index)
         self.view.settled(index)
         if status == "succeeded":
             self.keep(index, data.get("url"))

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, TextColumn
 from rich.text import Text
 
@@ -105,7 +106,7 @@ class RichView:
         self.console = console or Console()
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(bar_width=32), _Detail(),
-            console=self.console, refresh_per_second=8, speed_estimate_period=20,
+            console=self.console, refresh_per_second=8,
         )
         self.queue_task: TaskID | None = None
         self.rows: dict[int, TaskID] = {}
@@ -116,7 +117,9 @@ class RichView:
         name = status.get("name") or status["queue_id"]
         self.progress.start()
         done = sum(int(status.get(k, 0)) for k in ("succeeded", "failed", "cancelled"))
-        self.queue_task = self.progress.add_task(f"[bold]{name}", total=status["total"], kind="queue", initial=done)
+        self.queue_task = self.progress.add_task(
+            f"[bold]{escape(name)}", total=status["total"], kind="queue", initial=done
+        )
         self.counts(status)
 
     def counts(self, counts: dict[str, Any]) -> None:
@@ -132,7 +135,7 @@ class RichView:
             return
         shown = len(self.rows) - len(self.hidden) < MAX_IMAGE_ROWS
         self.rows[index] = self.progress.add_task(
-            f"  {label(index, prompt)}", total=None, kind="image", detail="running", visible=shown
+            f"  {escape(label(index, prompt))}", total=None, kind="image", detail="running", visible=shown
         )
         if not shown:
             self.hidden.add(index)
