@@ -557,7 +557,8 @@ def test_step_progress_is_shown_when_it_comes_and_odd_events_are_ignored(stack: 
         return console.export_text()
 
     status = {"queue_id": "q" * 32, "name": "steps", "total": 2, "succeeded": 0, "failed": 0, "cancelled": 0,
-              "images": [{"index": 0, "prompt": "a red fox", "seed": 5}, {"index": 1, "prompt": "an owl [/sketch]", "seed": 6}]}
+              "images": [{"index": 0, "prompt": "a red fox", "seed": 5},
+                         {"index": 1, "prompt": "an owl [/sketch]", "seed": 6}]}
     with Client(stack.base_url, token(new_user())) as client:
         follower = Follower(client, OutputFolder(tmp_path), view, status)
         view.begin(status)
