@@ -108,10 +108,10 @@ def test_a_plain_function_listener_is_called_too() -> None:
 # -- procedural -------------------------------------------------------------------------------------
 async def test_procedural_reports_each_step_with_a_sharper_preview_each_time() -> None:
     listener = Listener()
-    provider = ProceduralProvider(latency_ms=300)
+    provider = ProceduralProvider(latency_ms=600)  # 150 ms between steps: each reaches an idle listener
     started = time.monotonic()
     image = await provider.generate(request(listener))
-    assert time.monotonic() - started >= 0.3
+    assert time.monotonic() - started >= 0.6
     assert listener.steps == [(1, 4), (2, 4), (3, 4), (4, 4)]
     previews = [p.preview for p in listener.seen[:3]]
     assert all(p is not None for p in previews) and listener.seen[3].preview is None  # the image itself follows
