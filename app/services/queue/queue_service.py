@@ -1,26 +1,26 @@
-"""Create, inspect, cancel, retry and list queues: the service behind the HTTP routes."""
+"""The queue service: create, inspect, follow, cancel, retry and delete queues, and list them.
+
+The façade the routes call. What a new queue must satisfy is in validation.py; how a queue is shown
+(QueueStatus, position, ETA, images) in status_view.py; every Redis read and write in store.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
 import re
-import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from app.core.config import Settings
 from app.core.errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from app.core.security import check_image_signature, image_signature_current
-from app.models.queue import MAX_SEED, CreateQueueRequest, GenerateRequest, ImageResult, QueueStatus
+from app.models.queue import CreateQueueRequest, GenerateRequest, QueueStatus
 from app.services.models import Catalog
-from app.services.providers.base import is_reserved
 from app.services.queue.states import (
     TERMINAL,
     CancelOutcome,
@@ -30,60 +30,21 @@ from app.services.queue.states import (
     Priority,
     QueueState,
     RetryOutcome,
-    WebhookEvent,
 )
-from app.services.queue.store import QueueStore, Schedule, user_key
+from app.services.queue.status_view import ImageUrl, StatusView, page, queue_status
+from app.services.queue.store import QueueStore, user_key
 from app.services.queue.tickets import Tickets
+from app.services.queue.validation import check_create
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _QUEUE_ID = re.compile(r"^[0-9a-f]{32}$")
-MAX_TAG_LENGTH = 64
-MAX_VARIABLE_NAME_LENGTH = 64
-SERVED_CACHE_SECONDS = 2.0
+ADMISSION_RETRY_AFTER_SECONDS = 30  # Retry-After of a create refused by the per-user limits
+SNAPSHOT_ALL_ABOVE = 256  # a page of more images reads all the records at once
 EVENTS_BLOCK_MS = 1000  # how long one read of a live event stream waits for news
 EVENTS_BATCH = 500
 WAIT_EVENTS_BATCH = 100
 QUEUE_NOT_FOUND = "queue not found"
 IMAGE_NOT_FOUND = "image not found"
 LINK_NOT_FOUND = "image not found (or the link expired)"
-
-ImageUrl = Callable[[str, int, int], str]
-
-
-def _iso(ms: str | int | None) -> str | None:
-    if ms in (None, ""):
-        return None
-    return datetime.fromtimestamp(int(ms) / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _position(priority: Priority, schedule: Schedule) -> int:
-    """Images of other queues ahead of this queue's next pending image, in the fair schedule."""
-    ahead = sum(n for p, n in schedule.pending.items() if p.rank < priority.rank)
-    # Round robin: each user ahead in the ring gets one image first; each of this user's queues
-    # ahead of this one costs a full round of every user.
-    ahead += schedule.user_rank or 0
-    ahead += (schedule.queue_rank or 0) * max(1, schedule.users)
-    return ahead
-
-
-def _eta(meta: Mapping[str, str], counts: dict[str, int], position: int | None, schedule: Schedule) -> float | None:
-    """Seconds until the queue finishes. Once some of its images have finished, from the queue's own
-    pace (which already reflects its share of the workers); before that, from the model's recent
-    throughput and the images ahead of it."""
-    remaining = counts["pending"] + counts["running"] * 0.5
-    done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
-    started = meta.get("started_at")
-    if started and done and meta.get("attempt", "1") == "1":
-        elapsed = max(0.001, (schedule.server_ms - int(started)) / 1000)  # both by Redis's clock
-        return round(remaining * elapsed / done, 1)
-    if schedule.rate > 0:
-        return round(((position or 0) + remaining) / schedule.rate, 1)
-    return None
-
-
-def _page(total: int, offset: int, limit: int | None) -> tuple[int, int]:
-    start = max(0, min(offset, total))
-    return start, total if limit is None else min(total, start + max(0, limit))
 
 
 def valid_queue_id(queue_id: str) -> bool:
@@ -145,118 +106,19 @@ class QueueService:
         self.settings = settings
         self.catalog = catalog
         self.image_url = image_url
-        self._served: tuple[float, set[str]] = (0.0, set())
+        self.view = StatusView(store, image_url)
 
     # -- create -----------------------------------------------------------------------------
-    def expand(self, req: CreateQueueRequest) -> list[str]:
-        """The request's prompts, with a template's variables expanded as a cartesian product."""
-        s = self.settings
-        if req.prompts is not None:
-            if not req.prompts:
-                raise Unprocessable("'prompts' must hold at least one prompt", ("body", "prompts"))
-            if len(req.prompts) > s.max_prompts:
-                raise Unprocessable(f"at most {s.max_prompts} prompts per queue", ("body", "prompts"))
-            for i, p in enumerate(req.prompts):
-                self._check_prompt(p, ("body", "prompts", i))
-            return list(req.prompts)
-        template = req.prompt or ""
-        self._check_prompt(template, ("body", "prompt"))
-        names = list(dict.fromkeys(_PLACEHOLDER.findall(template)))
-        variables = req.variables or {}
-        if len(variables) > s.max_variables:
-            raise Unprocessable(f"at most {s.max_variables} variables", ("body", "variables"))
-        missing = [n for n in names if n not in variables]
-        if missing:
-            raise Unprocessable(
-                f"the template uses {', '.join('{' + n + '}' for n in missing)} but 'variables' gives no values",
-                ("body", "variables"),
-            )
-        unused = [n for n in variables if n not in names]
-        if unused:
-            raise Unprocessable(f"variables not used in the template: {', '.join(unused)}", ("body", "variables"))
-        combos = 1
-        for n in names:
-            values = variables[n]
-            if not values:
-                raise Unprocessable(f"variable {n!r} has no values", ("body", "variables", n))
-            combos *= len(values)
-            if combos > s.max_variable_combinations:
-                raise Unprocessable(
-                    f"variables expand to more than {s.max_variable_combinations} prompts", ("body", "variables")
-                )
-        prompts: list[str] = []
-        for combo in itertools.product(*(variables[n] for n in names)):
-            mapping = dict(zip(names, combo, strict=True))
-            prompt = _PLACEHOLDER.sub(lambda m, mapping=mapping: mapping[m[1]], template)  # type: ignore[misc]
-            self._check_prompt(prompt, ("body", "prompt"))
-            prompts.append(prompt)
-        return prompts
-
-    def _check_prompt(self, prompt: str, loc: tuple[str | int, ...]) -> None:
-        if not prompt.strip():
-            raise Unprocessable("prompt must not be empty", loc)
-        if len(prompt) > self.settings.max_prompt_length:
-            raise Unprocessable(f"prompt longer than {self.settings.max_prompt_length} characters", loc)
-
-    def _check_common(
-        self, width: int, height: int, params: dict[str, Any], negative: str | None, model_name: str | None
-    ) -> str:
-        s = self.settings
-        model = self.catalog.resolve(model_name)
-        if model is None:
-            known = ", ".join(sorted(self.catalog.models))
-            raise Unprocessable(f"unknown model {model_name!r}; known models: {known}", ("body", "model"))
-        kinds = {model.provider, *(e.kind for e in model.endpoints)}
-        reserved = sorted(k for k in params if any(is_reserved(k, kind) for kind in kinds))
-        if reserved:
-            raise Unprocessable(
-                f"params may not set {', '.join(reserved)}: use the request's own fields (prompt, seed, width, "
-                "height, negative_prompt, model); the rest is fixed by the server",
-                ("body", "params"),
-            )
-        max_w = model.max_width or s.max_width
-        max_h = model.max_height or s.max_height
-        if width > max_w:
-            raise Unprocessable(f"width must be at most {max_w}", ("body", "width"))
-        if height > max_h:
-            raise Unprocessable(f"height must be at most {max_h}", ("body", "height"))
-        if len(json.dumps(params)) > s.max_params_bytes:
-            raise Unprocessable(f"params larger than {s.max_params_bytes} bytes of JSON", ("body", "params"))
-        if negative is not None and len(negative) > s.max_prompt_length:
-            raise Unprocessable(
-                f"negative_prompt longer than {s.max_prompt_length} characters", ("body", "negative_prompt")
-            )
-        return model.name
-
     async def create(
         self, user_id: str, req: CreateQueueRequest, idempotency_key: str | None = None
     ) -> tuple[QueueStatus, bool]:
         """Creates a queue; returns its status and whether it is a replay of an earlier request."""
         s = self.settings
-        model = self._check_common(req.width, req.height, req.params, req.negative_prompt, req.model)
-        if req.count > s.max_count:
-            raise Unprocessable(f"count must be at most {s.max_count}", ("body", "count"))
-        if len(req.tags) > s.max_tags:
-            raise Unprocessable(f"at most {s.max_tags} tags", ("body", "tags"))
-        for i, tag in enumerate(req.tags):
-            if not tag.strip() or len(tag) > MAX_TAG_LENGTH:
-                raise Unprocessable(f"tags must be 1-{MAX_TAG_LENGTH} characters", ("body", "tags", i))
-        prompts = self.expand(req)
-        total = len(prompts) * req.count
-        if total > s.max_images_per_queue:
-            raise Unprocessable(
-                f"{len(prompts)} prompts x count {req.count} = {total} images; at most "
-                f"{s.max_images_per_queue} images per queue",
-                ("body", "count"),
-            )
-        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-        if seed + total - 1 > MAX_SEED:
-            raise Unprocessable(f"seed + images must stay below {MAX_SEED}", ("body", "seed"))
-        webhook = self._check_webhook(req)
+        checked = check_create(req, s, self.catalog)
         spec = {
-            "prompts": prompts,
+            "prompts": checked.prompts,
             "count": req.count,
-            "seed": seed,
+            "seed": checked.seed,
             "width": req.width,
             "height": req.height,
             "negative_prompt": req.negative_prompt,
@@ -264,19 +126,19 @@ class QueueService:
         }
         fields: dict[str, str | int] = {
             "user": user_id,
-            "model": model,
+            "model": checked.model,
             "priority": req.priority.value,
-            "total": total,
+            "total": checked.total,
             "count": req.count,
-            "seed": seed,
+            "seed": checked.seed,
             "attempt": 1,
         }
         if req.name:
             fields["name"] = req.name
         if req.tags:
             fields["tags"] = json.dumps(req.tags)
-        if webhook:
-            fields["webhook"] = json.dumps(webhook)
+        if checked.webhook:
+            fields["webhook"] = json.dumps(checked.webhook)
         fingerprint = hashlib.sha256(req.model_dump_json().encode()).hexdigest()
         queue_id = uuid.uuid4().hex
         uk = user_key(user_id)
@@ -298,35 +160,19 @@ class QueueService:
             )
         if result.outcome == CreateOutcome.LIMIT_ACTIVE:
             raise TooManyRequests(
-                f"you already have {result.detail} active queues, the most allowed; wait for one to finish", 30
+                f"you already have {result.detail} active queues, the most allowed; wait for one to finish",
+                ADMISSION_RETRY_AFTER_SECONDS,
             )
         if result.outcome == CreateOutcome.LIMIT_PENDING:
             raise TooManyRequests(
                 f"this queue would exceed your limit of {s.max_pending_images_per_user} pending images "
                 f"(room for {max(0, int(result.detail))} more); wait for some to finish",
-                30,
+                ADMISSION_RETRY_AFTER_SECONDS,
             )
         if result.outcome == CreateOutcome.REPLAY:
             return await self.status(user_id, result.queue_id, images_limit=None), True
-        await self.wake(model, total)
+        await self.wake(checked.model, checked.total)
         return await self.status(user_id, queue_id, images_limit=None), False
-
-    def _check_webhook(self, req: CreateQueueRequest) -> dict[str, Any] | None:
-        if req.webhook_url is None:
-            return None
-        if not self.settings.webhook_secret:
-            raise Unprocessable(
-                "webhooks are not enabled on this server (the operator sets WEBHOOK_SECRET)", ("body", "webhook_url")
-            )
-        url = req.webhook_url
-        if not re.match(r"^https?://[^\s/]+", url) or len(url) > 2048:
-            raise Unprocessable("webhook_url must be an http(s) URL", ("body", "webhook_url"))
-        events = req.webhook_events or [e.value for e in WebhookEvent]
-        known = {e.value for e in WebhookEvent}
-        bad = [e for e in events if e not in known]
-        if bad:
-            raise Unprocessable(f"unknown webhook events {bad}; known: {sorted(known)}", ("body", "webhook_events"))
-        return {"url": url, "events": events}
 
     async def wake(self, model: str, images: int) -> None:
         """Enqueue enough RQ tickets for every live worker of `model` to join in."""
@@ -417,106 +263,15 @@ class QueueService:
         summary_meta = _owned(found_summary[0] if found_summary else None, user_id)
         schedule = found_summary[1] if found_summary else None
         if images_limit == 0:
-            return await self._with_warnings(await self._summary(queue_id, summary_meta, schedule))
+            return await self.view.with_warnings(queue_status(queue_id, summary_meta, schedule))
         total = int(await self.store.queue_field(queue_id, "total") or 0)
-        start, stop = _page(total, images_offset, images_limit)
+        start, stop = page(total, images_offset, images_limit)
         indexes = list(range(start, stop))
-        found, records = await self.store.snapshot(queue_id, None if len(indexes) > 256 else indexes)
+        found, records = await self.store.snapshot(queue_id, None if len(indexes) > SNAPSHOT_ALL_ABOVE else indexes)
         meta = _owned(found, user_id)
-        status = await self._summary(queue_id, meta, schedule)
-        await self._attach_images(status, meta, records, images_offset, images_limit)
-        return await self._with_warnings(status)
-
-    async def _with_warnings(self, status: QueueStatus) -> QueueStatus:
-        if status.finished_at is None and status.pending and status.model not in await self._served_models():
-            status.warnings.append(
-                f"no live worker serves model {status.model!r}: its images wait until one starts"
-            )
-        return status
-
-    async def _served_models(self) -> set[str]:
-        """Models some live worker serves; cached briefly, as every status poll asks."""
-        now = time.monotonic()
-        if now - self._served[0] > SERVED_CACHE_SECONDS:
-            workers = await self.store.workers()
-            self._served = (now, {m for w in workers for m in w.get("models", [])})
-        return self._served[1]
-
-    async def _summary(self, queue_id: str, meta: Mapping[str, str], schedule: Schedule | None = None) -> QueueStatus:
-        counts = {k: int(meta.get(k, 0)) for k in ("total", "pending", "running", "succeeded", "failed", "cancelled")}
-        total = counts["total"]
-        terminal = counts["succeeded"] + counts["failed"] + counts["cancelled"]
-        position: int | None = None
-        eta: float | None = None
-        if schedule is not None and not meta.get("finished_at"):
-            position = _position(Priority(meta["priority"]), schedule) if counts["pending"] else None
-            eta = _eta(meta, counts, position, schedule)
-        webhook = json.loads(meta["webhook"]) if meta.get("webhook") else None
-        if webhook is not None and meta.get("webhook_state"):
-            webhook["deliveries"] = json.loads(meta["webhook_state"])
-        return QueueStatus(
-            queue_id=queue_id,
-            total=counts["total"],
-            pending=counts["pending"],
-            running=counts["running"],
-            succeeded=counts["succeeded"],
-            failed=counts["failed"],
-            cancelled=counts["cancelled"],
-            name=meta.get("name"),
-            status=QueueState(meta["status"]),
-            priority=Priority(meta["priority"]),
-            model=meta["model"],
-            tags=json.loads(meta.get("tags", "[]")),
-            progress=round(100.0 * terminal / total, 2) if total else 100.0,
-            position=position,
-            eta_seconds=eta,
-            created_at=_iso(meta["created_at"]) or "",
-            started_at=_iso(meta.get("started_at")),
-            finished_at=_iso(meta.get("finished_at")),
-            attempt=int(meta.get("attempt", 1)),
-            webhook=webhook,
-        )
-
-    async def _attach_images(
-        self,
-        status: QueueStatus,
-        meta: Mapping[str, str],
-        records: dict[int, dict[str, Any]],
-        offset: int,
-        limit: int | None,
-    ) -> None:
-        start, stop = _page(status.total, offset, limit)
-        spec_raw = await self.store.spec(status.queue_id)
-        spec: dict[str, Any] = json.loads(spec_raw) if spec_raw else {"prompts": [""], "count": 1, "seed": 0}
-        indexes = range(start, stop)
-        cut = meta.get("cut") == "1"
-        cursor = int(meta.get("cursor", 0))
-        prompts: Sequence[str] = spec["prompts"]
-        count = int(spec["count"])
-        images = []
-        for i in indexes:
-            rec = records.get(i)
-            if rec is not None:
-                state = ImageStatus(rec["s"])
-            else:
-                state = ImageStatus.CANCELLED if (cut and i >= cursor) else ImageStatus.PENDING
-            attempts = int(rec.get("a", 0)) if rec else 0
-            images.append(
-                ImageResult(
-                    index=i,
-                    prompt=prompts[i // count],
-                    seed=int(spec["seed"]) + i,
-                    status=state,
-                    url=self.image_url(status.queue_id, i, attempts) if state == ImageStatus.SUCCEEDED else None,
-                    error=rec.get("e") if rec else None,
-                    started_at=_iso(rec.get("t0")) if rec else None,
-                    finished_at=_iso(rec.get("t1")) if rec else None,
-                    attempts=attempts,
-                )
-            )
-        status.images = images
-        status.images_offset = start
-        status.images_limit = None if limit is None else limit
+        status = queue_status(queue_id, meta, schedule)
+        await self.view.attach_images(status, meta, records, images_offset, images_limit)
+        return await self.view.with_warnings(status)
 
     async def active(self, user_id: str) -> list[QueueStatus]:
         uk = user_key(user_id)
@@ -527,7 +282,7 @@ class QueueService:
             if found is None:
                 gone.append(qid)
             elif not found[0].get("finished_at"):
-                out.append(await self._summary(qid, *found))
+                out.append(queue_status(qid, *found))
         await self.store.forget(uk, "active", gone)
         return out
 
@@ -566,10 +321,10 @@ class QueueService:
         page = rows[offset : offset + limit]
         out = []
         for qid, meta in page:
-            st = await self._summary(qid, meta)
+            st = queue_status(qid, meta)
             if images_limit != 0:
                 wanted = None if images_limit is None else range(min(images_limit, st.total))
-                await self._attach_images(st, meta, await self.store.records(qid, wanted), 0, images_limit)
+                await self.view.attach_images(st, meta, await self.store.records(qid, wanted), 0, images_limit)
             out.append(st)
         return out, len(rows)
 

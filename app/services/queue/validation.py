@@ -1,0 +1,164 @@
+"""The checks of a new queue before anything is written: limits, model, params, template expansion, webhook.
+
+Each failure is an Unprocessable naming the field (`loc`) and saying what is wrong in words.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from app.core.config import Settings
+from app.core.errors import Unprocessable
+from app.models.queue import MAX_SEED, CreateQueueRequest
+from app.services.models import Catalog
+from app.services.providers.base import is_reserved
+from app.services.queue.states import WebhookEvent
+
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_HTTP_URL = re.compile(r"^https?://[^\s/]+")
+MAX_TAG_LENGTH = 64
+MAX_WEBHOOK_URL_LENGTH = 2048
+RANDOM_SEED_BOUND = 2**31  # a seed drawn for a request that gives none
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedQueue:
+    """What a valid create request comes to: its model, its prompts expanded, and its seed."""
+
+    model: str
+    prompts: list[str]
+    total: int  # prompts x count
+    seed: int
+    webhook: dict[str, Any] | None
+
+
+def check_create(req: CreateQueueRequest, settings: Settings, catalog: Catalog) -> CheckedQueue:
+    """Every check of a create request, in the order a user fixes them."""
+    s = settings
+    model = _check_model_and_size(req, settings, catalog)
+    if req.count > s.max_count:
+        raise Unprocessable(f"count must be at most {s.max_count}", ("body", "count"))
+    if len(req.tags) > s.max_tags:
+        raise Unprocessable(f"at most {s.max_tags} tags", ("body", "tags"))
+    for i, tag in enumerate(req.tags):
+        if not tag.strip() or len(tag) > MAX_TAG_LENGTH:
+            raise Unprocessable(f"tags must be 1-{MAX_TAG_LENGTH} characters", ("body", "tags", i))
+    prompts = expand(req, settings)
+    total = len(prompts) * req.count
+    if total > s.max_images_per_queue:
+        raise Unprocessable(
+            f"{len(prompts)} prompts x count {req.count} = {total} images; at most "
+            f"{s.max_images_per_queue} images per queue",
+            ("body", "count"),
+        )
+    seed = req.seed if req.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
+    if seed + total - 1 > MAX_SEED:
+        raise Unprocessable(f"seed + images must stay below {MAX_SEED}", ("body", "seed"))
+    return CheckedQueue(model, prompts, total, seed, check_webhook(req, settings))
+
+
+def expand(req: CreateQueueRequest, settings: Settings) -> list[str]:
+    """The request's prompts, with a template's variables expanded as a cartesian product."""
+    s = settings
+    if req.prompts is not None:
+        if not req.prompts:
+            raise Unprocessable("'prompts' must hold at least one prompt", ("body", "prompts"))
+        if len(req.prompts) > s.max_prompts:
+            raise Unprocessable(f"at most {s.max_prompts} prompts per queue", ("body", "prompts"))
+        for i, p in enumerate(req.prompts):
+            _check_prompt(p, ("body", "prompts", i), settings)
+        return list(req.prompts)
+    template = req.prompt or ""
+    _check_prompt(template, ("body", "prompt"), settings)
+    names = list(dict.fromkeys(_PLACEHOLDER.findall(template)))
+    variables = req.variables or {}
+    if len(variables) > s.max_variables:
+        raise Unprocessable(f"at most {s.max_variables} variables", ("body", "variables"))
+    missing = [n for n in names if n not in variables]
+    if missing:
+        raise Unprocessable(
+            f"the template uses {', '.join('{' + n + '}' for n in missing)} but 'variables' gives no values",
+            ("body", "variables"),
+        )
+    unused = [n for n in variables if n not in names]
+    if unused:
+        raise Unprocessable(f"variables not used in the template: {', '.join(unused)}", ("body", "variables"))
+    combos = 1
+    for n in names:
+        values = variables[n]
+        if not values:
+            raise Unprocessable(f"variable {n!r} has no values", ("body", "variables", n))
+        combos *= len(values)
+        if combos > s.max_variable_combinations:
+            raise Unprocessable(
+                f"variables expand to more than {s.max_variable_combinations} prompts", ("body", "variables")
+            )
+    prompts: list[str] = []
+    for combo in itertools.product(*(variables[n] for n in names)):
+        mapping = dict(zip(names, combo, strict=True))
+        prompt = _PLACEHOLDER.sub(lambda m, mapping=mapping: mapping[m[1]], template)  # type: ignore[misc]
+        _check_prompt(prompt, ("body", "prompt"), settings)
+        prompts.append(prompt)
+    return prompts
+
+
+def check_webhook(req: CreateQueueRequest, settings: Settings) -> dict[str, Any] | None:
+    """The queue's webhook configuration, or None without `webhook_url`. Where the URL points is checked
+    at each delivery (DNS may change): see webhooks.py."""
+    if req.webhook_url is None:
+        return None
+    if not settings.webhook_secret:
+        raise Unprocessable(
+            "webhooks are not enabled on this server (the operator sets WEBHOOK_SECRET)", ("body", "webhook_url")
+        )
+    url = req.webhook_url
+    if not _HTTP_URL.match(url) or len(url) > MAX_WEBHOOK_URL_LENGTH:
+        raise Unprocessable("webhook_url must be an http(s) URL", ("body", "webhook_url"))
+    events = req.webhook_events or [e.value for e in WebhookEvent]
+    known = {e.value for e in WebhookEvent}
+    bad = [e for e in events if e not in known]
+    if bad:
+        raise Unprocessable(f"unknown webhook events {bad}; known: {sorted(known)}", ("body", "webhook_events"))
+    return {"url": url, "events": events}
+
+
+def _check_prompt(prompt: str, loc: tuple[str | int, ...], settings: Settings) -> None:
+    if not prompt.strip():
+        raise Unprocessable("prompt must not be empty", loc)
+    if len(prompt) > settings.max_prompt_length:
+        raise Unprocessable(f"prompt longer than {settings.max_prompt_length} characters", loc)
+
+
+def _check_model_and_size(req: CreateQueueRequest, settings: Settings, catalog: Catalog) -> str:
+    """The model's name; the size within its limits, and params that leave the request's own fields alone."""
+    s = settings
+    model = catalog.resolve(req.model)
+    if model is None:
+        known = ", ".join(sorted(catalog.models))
+        raise Unprocessable(f"unknown model {req.model!r}; known models: {known}", ("body", "model"))
+    kinds = {model.provider, *(e.kind for e in model.endpoints)}
+    reserved = sorted(k for k in req.params if any(is_reserved(k, kind) for kind in kinds))
+    if reserved:
+        raise Unprocessable(
+            f"params may not set {', '.join(reserved)}: use the request's own fields (prompt, seed, width, "
+            "height, negative_prompt, model); the rest is fixed by the server",
+            ("body", "params"),
+        )
+    max_w = model.max_width or s.max_width
+    max_h = model.max_height or s.max_height
+    if req.width > max_w:
+        raise Unprocessable(f"width must be at most {max_w}", ("body", "width"))
+    if req.height > max_h:
+        raise Unprocessable(f"height must be at most {max_h}", ("body", "height"))
+    if len(json.dumps(req.params)) > s.max_params_bytes:
+        raise Unprocessable(f"params larger than {s.max_params_bytes} bytes of JSON", ("body", "params"))
+    if req.negative_prompt is not None and len(req.negative_prompt) > s.max_prompt_length:
+        raise Unprocessable(
+            f"negative_prompt longer than {s.max_prompt_length} characters", ("body", "negative_prompt")
+        )
+    return model.name
