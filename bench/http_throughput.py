@@ -19,7 +19,7 @@ import time
 
 import httpx
 
-from bench.common import ROOT, auth, free_port_proc, new_user, private_redis, report, stack, wait_done, wait_until
+from bench.common import ROOT, auth, free_port, new_user, private_redis, report, stack, wait_done, wait_until
 
 
 def provider_alone(url: str, images: int, concurrency: int, size: int) -> float:
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--photo", action="store_true", help="photo-like images (large PNGs)")
     args = parser.parse_args()
     n, lat = args.concurrency, args.latency_ms
-    port = free_port_proc()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "bench.openai_server", "--port", str(port),
                                "--latency-ms", str(lat), *(["--photo"] if args.photo else [])], cwd=ROOT)
     url = f"http://127.0.0.1:{port}/v1"

@@ -19,19 +19,8 @@ import time
 
 import httpx
 
-from bench.common import (
-    ROOT,
-    Proc,
-    auth,
-    free_port_proc,
-    median,
-    new_user,
-    pct,
-    private_redis,
-    report,
-    service_env,
-    start_api,
-)
+from app.harness import http_ok, start_server
+from bench.common import LOG_DIR, ROOT, auth, free_port, new_user, pct, private_redis, report, service_env, start_api
 
 
 async def _get(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
@@ -98,9 +87,10 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.5)
     args = parser.parse_args()
     print(f"# polling: {args.pollers} pollers, {args.seconds:g} s per measure, open-loop interval {args.interval:g} s")
-    port = free_port_proc()
-    bare = Proc([sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(port), "--no-access-log",
-                 "--log-level", "warning"], {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, "bare")
+    port = free_port()
+    bare = start_server([sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(port), "--no-access-log",
+                         "--log-level", "warning"], name="bare", ready=http_ok(f"http://127.0.0.1:{port}/ping"),
+                        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}, log_dir=LOG_DIR)
     with private_redis() as server:
         api, base = start_api(service_env(server.url, LOG_LEVEL="WARNING"))
         try:
@@ -108,12 +98,6 @@ def main() -> None:
             with httpx.Client(base_url=base, timeout=60) as client:
                 qid = client.post("/create-queue", headers=headers, json={
                     "prompts": ["p"], "count": 1000, "width": 64, "height": 64}).json()["queue_id"]
-                for _ in range(50):
-                    try:
-                        httpx.get(f"http://127.0.0.1:{port}/ping")
-                        break
-                    except httpx.HTTPError:
-                        time.sleep(0.1)
             bare_rate = measure("bare FastAPI GET /ping", f"http://127.0.0.1:{port}/ping", {}, args)
             status_rate = measure("GET /queue-status summary", f"{base}/queue-status/{qid}?images_limit=0",
                                   headers, args)
@@ -124,5 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    _ = median
     main()

@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tests.utils import free_port, wait_until
+from app.harness import free_port, wait_until
 
 
 def png(width: int, height: int, colour: tuple[int, int, int] = (200, 80, 40)) -> bytes:

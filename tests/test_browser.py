@@ -12,7 +12,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Route, ViewportSize, expect, sync_playwright
 
-from tests.conftest import Stack
+from app.harness import Stack
 from tests.utils import ROOT, auth, new_user, token, wait_status, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -35,22 +35,9 @@ from app.cli.folder import STATE_FILE, OutputFolder, image_stem, slug
 from app.cli.follow import Follower
 from app.cli.progress import RichView
 from app.client import AsyncClient, Client, Conflict, Event
-from tests.conftest import Stack, fresh_redis_url
+from app.harness import ROOT, Process, RedisServer, Stack, free_port, start_stack
 from tests.provider_servers import ProviderServer, ScriptedServer, png
-from tests.utils import (
-    ROOT,
-    Proc,
-    RedisServer,
-    auth,
-    free_port,
-    new_user,
-    service_env,
-    start_api,
-    start_worker,
-    token,
-    wait_status,
-    wait_until,
-)
+from tests.utils import LOG_DIR, auth, new_user, service_env, token, wait_status, wait_until
 
 ARTIFACTS = ROOT / "test-artifacts" / "cli"
 IMAGE_NAME = re.compile(r"^(\d{4})-(\d+)-([a-z0-9-]+)\.(png|jpg|webp)$")
@@ -84,9 +71,9 @@ def cli(env: dict[str, str], *args: str, timeout: float = 90) -> subprocess.Comp
                           text=True, timeout=timeout)
 
 
-def start_cli(env: dict[str, str], *args: str) -> Proc:
+def start_cli(env: dict[str, str], *args: str) -> Process:
     """In the background, output (stdout and stderr together) to a log; killed at the end of the test."""
-    return Proc([sys.executable, "-m", "app.cli", *args], env, "cli")
+    return Process([sys.executable, "-m", "app.cli", *args], name="cli", env=env, log_dir=LOG_DIR)
 
 
 def images_in(folder: Path) -> list[str]:
@@ -117,14 +104,11 @@ def limited(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory)
     with ProviderServer("openai") as server:
         catalog = tmp_path_factory.mktemp("cli") / "models.toml"
         catalog.write_text(CATALOG.format(url=server.url))
-        env = service_env(fresh_redis_url(redis_server), MODELS_FILE=str(catalog), MAX_ACTIVE_QUEUES_PER_USER="1")
-        api, base = start_api(env)
-        worker = start_worker(env, "--concurrency=4")
-        with httpx.Client(base_url=base, timeout=30) as client:
-            wait_until(lambda: client.get("/health").json()["workers"] == 1, 30, what="the worker to register")
-            yield {"base": base, "client": client, "server": server}
-        worker.stop()
-        api.stop()
+        env = service_env(redis_server.fresh_url(), MODELS_FILE=str(catalog), MAX_ACTIVE_QUEUES_PER_USER="1")
+        stack = start_stack(env, worker_args=("--concurrency=4",), log_dir=LOG_DIR)  # a module's: not make_stack
+        with stack.client() as client:
+            yield {"base": stack.base_url, "client": client, "server": server}
+        stack.stop()
 
 
 # -- generate, follow ---------------------------------------------------------------------------

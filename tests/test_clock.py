@@ -15,19 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.harness import Process, RedisServer, Stack
 from tests.provider_servers import ProviderServer
-from tests.utils import (
-    Proc,
-    RedisServer,
-    assert_counts_consistent,
-    auth,
-    new_user,
-    service_env,
-    start_api,
-    start_worker,
-    wait_status,
-    wait_until,
-)
+from tests.utils import LOG_DIR, MakeStack, assert_counts_consistent, auth, new_user, wait_status, wait_until
 
 LIBFAKETIME = next(iter(sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))), None)
 IMAGES = 24
@@ -39,18 +29,20 @@ pytestmark = pytest.mark.skipif(
 
 
 def skewed_worker(
-    env: dict[str, str], name: str, *, offset: str | None = None, offset_file: Path | None = None
-) -> Proc:
-    """A worker whose wall clock is `offset` (e.g. "-30s") from the host's, or read from `offset_file`
-    at every call (so a test can step it); its monotonic clock is the real one."""
+    stack: Stack, name: str, *, offset: str | None = None, offset_file: Path | None = None
+) -> Process:
+    """A worker of `stack` whose wall clock is `offset` (e.g. "-30s") from the host's, or read from
+    `offset_file` at every call (so a test can step it); its monotonic clock is the real one."""
     assert LIBFAKETIME is not None, "libfaketime is required in CI"
     fake = {"LD_PRELOAD": LIBFAKETIME, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
     if offset_file is not None:
         fake.update(FAKETIME_TIMESTAMP_FILE=str(offset_file), FAKETIME_NO_CACHE="1")
     else:
         fake["FAKETIME"] = offset or "+0s"
-    return Proc([sys.executable, "tests/skewed_clock.py", "--concurrency=4", f"--name={name}"],
-                {**env, **fake}, name)
+    worker = Process([sys.executable, "tests/skewed_clock.py", "--concurrency=4", f"--name={name}"], name=name,
+                     env={**stack.env, **fake}, log_dir=LOG_DIR)
+    stack.workers.append(worker)  # stopped with the stack
+    return worker
 
 
 def run_batch(base: str, headers: dict[str, str]) -> dict:
@@ -68,16 +60,18 @@ def run_batch(base: str, headers: dict[str, str]) -> dict:
 
 
 @pytest.mark.parametrize("offset", ["-30s", "+30s"])
-def test_two_workers_with_skewed_clocks_generate_each_image_once(tmp_path: Path, offset: str) -> None:
-    server = RedisServer(tmp_path / "redis").start()
+def test_two_workers_with_skewed_clocks_generate_each_image_once(tmp_path: Path, offset: str,
+                                                                 make_stack: MakeStack) -> None:
+    server = RedisServer(tmp_path / "redis", log_dir=LOG_DIR).start()
     provider = ProviderServer("openai", latency=0.4).start()
-    env = service_env(server.url, IMAGE_PROVIDER="openai", IMAGE_PROVIDER_URL=provider.url, IMAGE_MODEL="m")
-    api, base = start_api(env)
-    workers = [start_worker(env, "--concurrency=4", name="on-time"), skewed_worker(env, "skewed", offset=offset)]
+    stack = make_stack(0, redis_url=server.url, IMAGE_PROVIDER="openai", IMAGE_PROVIDER_URL=provider.url,
+                       IMAGE_MODEL="m")
+    stack.add_worker("--concurrency=4", name="on-time")
+    skewed_worker(stack, "skewed", offset=offset)
     try:
-        with httpx.Client(base_url=base, timeout=10) as client:
-            wait_until(lambda: client.get("/health").json()["workers"] == 2, 30, what="both workers")
-            done = run_batch(base, auth(new_user()))
+        stack.wait_for_workers(2)
+        with stack.client(timeout=10) as client:
+            done = run_batch(stack.base_url, auth(new_user()))
             assert len(provider.requests) == IMAGES, f"{len(provider.requests)} provider calls for {IMAGES} images"
             assert {i["attempts"] for i in done["images"]} == {1}
             health = client.get("/health").json()
@@ -87,24 +81,22 @@ def test_two_workers_with_skewed_clocks_generate_each_image_once(tmp_path: Path,
         assert abs(offsets["on-time"]) < 2_000, offsets
         assert any("skewed" in w and "clock" in w for w in health["warnings"]), health["warnings"]
     finally:
-        for w in workers:
-            w.stop()
-        api.stop()
+        stack.stop()
         provider.stop()
         server.stop()
 
 
-def test_worker_whose_clock_steps_mid_batch_keeps_its_leases(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "redis").start()
+def test_worker_whose_clock_steps_mid_batch_keeps_its_leases(tmp_path: Path, make_stack: MakeStack) -> None:
+    server = RedisServer(tmp_path / "redis", log_dir=LOG_DIR).start()
     provider = ProviderServer("openai", latency=0.5).start()
-    env = service_env(server.url, IMAGE_PROVIDER="openai", IMAGE_PROVIDER_URL=provider.url, IMAGE_MODEL="m")
+    stack = make_stack(0, redis_url=server.url, IMAGE_PROVIDER="openai", IMAGE_PROVIDER_URL=provider.url,
+                       IMAGE_MODEL="m")
     clock = tmp_path / "faketime"
     clock.write_text("+0s\n")
-    api, base = start_api(env)
-    worker = skewed_worker(env, "stepping", offset_file=clock)
+    skewed_worker(stack, "stepping", offset_file=clock)
     try:
-        with httpx.Client(base_url=base, timeout=10) as client:
-            wait_until(lambda: client.get("/health").json()["workers"] == 1, 30, what="the worker")
+        stack.wait_for_workers(1)
+        with stack.client(timeout=10) as client:
             headers = auth(new_user())
             r = client.post("/create-queue", headers=headers, json={
                 "prompts": [f"step {i}" for i in range(IMAGES)], "width": 64, "height": 64})
@@ -120,7 +112,6 @@ def test_worker_whose_clock_steps_mid_batch_keeps_its_leases(tmp_path: Path) -> 
         assert len(provider.requests) == IMAGES, f"{len(provider.requests)} provider calls for {IMAGES} images"
         assert {i["attempts"] for i in done["images"]} == {1}
     finally:
-        worker.stop()
-        api.stop()
+        stack.stop()
         provider.stop()
         server.stop()

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from app.core.config import Settings
+from app.harness import ROOT, free_port
 from app.services.image_service import ImageService
 from app.services.models import EndpointSpec, ModelConfig, load_catalog, parse_endpoint
 from app.services.providers import comfyui
@@ -23,23 +24,8 @@ from app.services.providers.comfyui_workflow import Workflow, WorkflowError
 from app.services.providers.factory import build_model_provider, build_provider
 from app.services.providers.failover import Endpoint, FailoverProvider
 from tests.comfyui_server import ComfyUIServer
-from tests.conftest import fresh_redis_url
 from tests.provider_servers import ProviderServer
-from tests.utils import (
-    ROOT,
-    TEST_SECRET,
-    Proc,
-    RedisServer,
-    assert_counts_consistent,
-    auth,
-    free_port,
-    new_user,
-    service_env,
-    start_api,
-    start_worker,
-    wait_status,
-    wait_until,
-)
+from tests.utils import TEST_SECRET, MakeStack, assert_counts_consistent, auth, new_user, wait_status, wait_until
 
 EXAMPLE = ROOT / "examples" / "comfyui" / "txt2img-api.json"
 REQ = ImageRequest(prompt="a red fox", seed=7, width=64, height=48, negative_prompt="blurry", request_id="q1:0")
@@ -460,19 +446,15 @@ async def test_cancel_reaches_the_endpoint_that_runs_the_image(http: httpx.Async
 
 # -- end to end ---------------------------------------------------------------------------------------
 @pytest.fixture
-def comfy_stack(redis_server: RedisServer) -> Iterator[tuple[ComfyUIServer, httpx.Client]]:
+def comfy_stack(make_stack: MakeStack) -> Iterator[tuple[ComfyUIServer, httpx.Client]]:
     with ComfyUIServer(run_seconds=0.05) as server:
         dead = f"http://127.0.0.1:{free_port()}"
-        env = service_env(fresh_redis_url(redis_server), IMAGE_PROVIDER="comfyui", IMAGE_MODEL="sd15",
-                          IMAGE_PROVIDER_URLS=f"{dead},{server.url}#max=2", COMFYUI_WORKFLOW=str(EXAMPLE),
-                          COMFYUI_POLL_SECONDS="0.05", PROVIDER_COOLDOWN_SECONDS="60")
-        api, base = start_api(env)
-        procs: list[Proc] = [start_worker(env, "--concurrency=4")]
-        with httpx.Client(base_url=base, timeout=30) as client:
+        stack = make_stack(IMAGE_PROVIDER="comfyui", IMAGE_MODEL="sd15", COMFYUI_WORKFLOW=str(EXAMPLE),
+                           IMAGE_PROVIDER_URLS=f"{dead},{server.url}#max=2", COMFYUI_POLL_SECONDS="0.05",
+                           PROVIDER_COOLDOWN_SECONDS="60")
+        with stack.client() as client:
             yield server, client
-        for p in procs:
-            p.stop()
-        api.stop()
+        stack.stop()  # before its provider goes
 
 
 def test_batch_and_cancel_through_api_and_worker(comfy_stack: tuple[ComfyUIServer, httpx.Client]) -> None:

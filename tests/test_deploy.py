@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from app.harness import ROOT, api_command, worker_command
+
 API_COMMAND = "uvicorn app.main:app --host 0.0.0.0 --port 8000"
 WORKER_COMMAND = "python worker.py --concurrency="
 
@@ -38,9 +39,10 @@ def test_images_run_the_commands_the_readme_documents() -> None:
     worker = cmd("Dockerfile.worker")
     assert "exec python worker.py --concurrency=" in worker, worker
     assert WORKER_COMMAND in readme
-    # The local runner starts the same module and worker entry point.
-    dev = re.sub(r"\s+", " ", (ROOT / "app" / "dev.py").read_text())
-    assert '"app.main:app",' in dev and '"worker.py", f"--concurrency=' in dev
+    # ./run.sh, the tests and the benchmarks start the same commands (app.harness).
+    assert " ".join(api_command(8000, "0.0.0.0")[2:]) == api
+    local_worker = worker_command("--concurrency=8")
+    assert Path(local_worker[1]) == ROOT / "worker.py" and local_worker[2:] == ["--concurrency=8"]
 
 
 def test_env_example_covers_compose_and_no_secret_is_baked_in() -> None:

@@ -11,13 +11,13 @@ import httpx
 import pytest
 from PIL import Image
 
+from app.harness import free_port
 from app.services.image_service import ImageService
 from app.services.providers.automatic1111 import Automatic1111Provider
 from app.services.providers.base import ImageRequest, ProviderRejected, ProviderUnavailable
 from app.services.providers.factory import build_provider
 from app.services.providers.procedural import ProceduralProvider
 from tests.provider_servers import ProviderServer
-from tests.utils import free_port
 
 REQ = ImageRequest(prompt="a red fox", seed=7, width=64, height=48, negative_prompt="blurry", params={"steps": 4})
 

@@ -17,6 +17,7 @@ import redis.asyncio
 from PIL import Image
 
 from app.core.config import Settings
+from app.harness import RedisServer, free_port
 from app.services.images import (
     ImageStore,
     ImageUnreadable,
@@ -38,7 +39,7 @@ from app.services.images.redis import RedisStore
 from app.services.images.s3 import S3Store
 from app.services.images.saving import save_image
 from tests.seaweedfs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedServer
-from tests.utils import DATABASES, RedisServer, free_port
+from tests.utils import DATABASES
 
 BUCKET = "imagequeue-test"
 

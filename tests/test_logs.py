@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tests.conftest import Stack
+from app.harness import Stack
 from tests.utils import auth, new_user, token, wait_status, wait_until
 
 

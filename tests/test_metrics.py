@@ -7,18 +7,8 @@ import re
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import fresh_redis_url
-from tests.utils import (
-    RedisServer,
-    auth,
-    free_port,
-    new_user,
-    service_env,
-    start_api,
-    start_worker,
-    wait_status,
-    wait_until,
-)
+from app.harness import free_port
+from tests.utils import MakeStack, auth, new_user, wait_status
 
 
 def samples(text: str) -> dict[str, float]:
@@ -30,28 +20,20 @@ def samples(text: str) -> dict[str, float]:
     return out
 
 
-def test_metrics_count_a_batch(redis_server: RedisServer) -> None:
-    env = service_env(fresh_redis_url(redis_server))
+def test_metrics_count_a_batch(make_stack: MakeStack) -> None:
     port = free_port()
-    api, base = start_api(env)
-    worker = start_worker(env, "--concurrency=4", f"--metrics-port={port}")
+    stack = make_stack(worker_args=[f"--metrics-port={port}"])
     headers = auth(new_user())
-    try:
-        with httpx.Client(base_url=base, timeout=30) as client:
-            wait_until(lambda: client.get("/health").json()["workers"] == 1, 20)
-            before = samples(client.get("/metrics").text)
-            qid = client.post("/create-queue", headers=headers, json={
-                "prompts": ["a", "b"], "count": 3, "width": 64, "height": 64, "params": {"fail": ""}}).json()[
-                "queue_id"]
-            failing = client.post("/create-queue", headers=headers, json={
-                "prompts": ["c"], "width": 64, "height": 64, "params": {"fail": "nope"}}).json()["queue_id"]
-            wait_status(client, headers, qid, {"completed"})
-            wait_status(client, headers, failing, {"failed"})
-            after = samples(client.get("/metrics").text)
-            worker_text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    finally:
-        worker.stop()
-        api.stop()
+    with stack.client() as client:
+        before = samples(client.get("/metrics").text)
+        qid = client.post("/create-queue", headers=headers, json={
+            "prompts": ["a", "b"], "count": 3, "width": 64, "height": 64, "params": {"fail": ""}}).json()["queue_id"]
+        failing = client.post("/create-queue", headers=headers, json={
+            "prompts": ["c"], "width": 64, "height": 64, "params": {"fail": "nope"}}).json()["queue_id"]
+        wait_status(client, headers, qid, {"completed"})
+        wait_status(client, headers, failing, {"failed"})
+        after = samples(client.get("/metrics").text)
+        worker_text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     key = "imagequeue_images_finished_total{status=succeeded}"
     assert after[key] - before.get(key, 0) == 6
     assert after["imagequeue_images_finished_total{status=failed}"] - \
@@ -69,21 +51,16 @@ def test_metrics_count_a_batch(redis_server: RedisServer) -> None:
     assert re.search(r"imagequeue_worker_images_in_flight 0", worker_text)
 
 
-def test_metrics_token_guards_metrics_while_ready_stays_open(redis_server: RedisServer) -> None:
-    env = service_env(fresh_redis_url(redis_server), METRICS_TOKEN="scrape-token-0123456789")
-    api, base = start_api(env)
-    try:
-        with httpx.Client(base_url=base, timeout=30) as client:
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic c2NyYXBlOng="},
-                            auth(new_user())):  # a user's JWT is not the scrape token either
-                refused = client.get("/metrics", headers=headers)
-                assert refused.status_code == 401, headers
-                assert refused.headers["www-authenticate"] == "Bearer" and refused.json()["detail"]
-                assert "imagequeue_" not in refused.text
-            scraped = client.get("/metrics", headers={"Authorization": "Bearer scrape-token-0123456789"})
-            assert scraped.status_code == 200
-            assert any(k.startswith("imagequeue_workers") for k in samples(scraped.text))
-            assert client.get("/ready").json() == {"ready": True}  # orchestrators call it without a token
-            assert client.get("/health").status_code == 200
-    finally:
-        api.stop()
+def test_metrics_token_guards_metrics_while_ready_stays_open(make_stack: MakeStack) -> None:
+    with make_stack(0, METRICS_TOKEN="scrape-token-0123456789").client() as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic c2NyYXBlOng="},
+                        auth(new_user())):  # a user's JWT is not the scrape token either
+            refused = client.get("/metrics", headers=headers)
+            assert refused.status_code == 401, headers
+            assert refused.headers["www-authenticate"] == "Bearer" and refused.json()["detail"]
+            assert "imagequeue_" not in refused.text
+        scraped = client.get("/metrics", headers={"Authorization": "Bearer scrape-token-0123456789"})
+        assert scraped.status_code == 200
+        assert any(k.startswith("imagequeue_workers") for k in samples(scraped.text))
+        assert client.get("/ready").json() == {"ready": True}  # orchestrators call it without a token
+        assert client.get("/health").status_code == 200

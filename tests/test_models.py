@@ -6,24 +6,12 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
-from tests.conftest import fresh_redis_url
+from app.harness import Process
 from tests.provider_servers import ProviderServer
-from tests.utils import (
-    Proc,
-    RedisServer,
-    assert_counts_consistent,
-    auth,
-    new_user,
-    service_env,
-    start_api,
-    start_worker,
-    wait_status,
-    wait_until,
-)
+from tests.utils import MakeStack, assert_counts_consistent, auth, new_user, wait_status, wait_until
 
 CATALOG = """
 [[models]]
@@ -45,24 +33,21 @@ params = {{ steps = 30 }}
 
 
 @pytest.fixture
-def two_models(redis_server: RedisServer, tmp_path: Path) -> Iterator[dict]:
+def two_models(make_stack: MakeStack, tmp_path: Path) -> Iterator[dict]:
     with ProviderServer("openai", latency=0.02, api_key="fast-secret") as fast, \
             ProviderServer("automatic1111", latency=0.25) as slow:
         catalog = tmp_path / "models.toml"
         catalog.write_text(CATALOG.format(fast=fast.url, slow=slow.url))
-        url = fresh_redis_url(redis_server)
-        env = service_env(url, MODELS_FILE=str(catalog), FAST_KEY="fast-secret")
-        api, base = start_api(env)
-        workers: dict[str, Proc] = {
-            "only-fast": start_worker(env, "--concurrency=4", "--models=fast", name="only-fast"),
-            "only-slow": start_worker(env, "--concurrency=4", "--models=slow", name="only-slow"),
+        stack = make_stack(0, MODELS_FILE=str(catalog), FAST_KEY="fast-secret")
+        workers: dict[str, Process] = {
+            name: stack.add_worker("--concurrency=4", f"--models={name.removeprefix('only-')}", name=name)
+            for name in ("only-fast", "only-slow")
         }
-        with httpx.Client(base_url=base, timeout=30) as client:
-            wait_until(lambda: client.get("/health").json()["workers"] == 2, 20)
-            yield {"client": client, "fast": fast, "slow": slow, "url": url, "env": env, "workers": workers}
-        for w in workers.values():
-            w.stop()
-        api.stop()
+        stack.wait_for_workers(2)
+        with stack.client() as client:
+            yield {"client": client, "fast": fast, "slow": slow, "url": stack.redis_url, "stack": stack,
+                   "workers": workers}
+        stack.stop()  # before its providers go
 
 
 def owners(redis_url: str, queue_id: str) -> set[str]:
@@ -117,7 +102,7 @@ def test_models_endpoint_reports_live_figures(two_models: dict) -> None:
 
 
 def test_queue_for_an_unserved_model_waits_and_says_so(two_models: dict) -> None:
-    client, workers, env = two_models["client"], two_models["workers"], two_models["env"]
+    client, workers, stack = two_models["client"], two_models["workers"], two_models["stack"]
     workers.pop("only-slow").stop()
     wait_until(lambda: client.get("/health").json()["models"]["slow"]["workers"] == 0, 20)
     user = auth(new_user())
@@ -127,14 +112,14 @@ def test_queue_for_an_unserved_model_waits_and_says_so(two_models: dict) -> None
     status = client.get(f"/queue-status/{r.json()['queue_id']}", headers=user).json()
     assert status["status"] == "pending" and any("no live worker" in w for w in status["warnings"])
     assert any("slow" in w for w in client.get("/health").json()["warnings"])
-    workers["both"] = start_worker(env, "--concurrency=2", name="both")
+    workers["both"] = stack.add_worker("--concurrency=2", name="both")
     done = wait_status(client, user, r.json()["queue_id"], {"completed"}, timeout=30)
     assert done["succeeded"] == 2 and done["warnings"] == []
 
 
 def test_a_worker_serving_both_shares_each_model_within_its_cap(two_models: dict) -> None:
-    client, workers, env, slow = two_models["client"], two_models["workers"], two_models["env"], two_models["slow"]
-    workers["both"] = start_worker(env, "--concurrency=4", name="both")
+    client, workers, stack, slow = two_models["client"], two_models["workers"], two_models["stack"], two_models["slow"]
+    workers["both"] = stack.add_worker("--concurrency=4", name="both")
     wait_until(lambda: client.get("/health").json()["models"]["slow"]["workers"] == 2, 20, what="both workers")
     user = auth(new_user())
     fast_q = client.post("/create-queue", headers=user, json={"prompts": ["f"], "count": 12, "width": 64,

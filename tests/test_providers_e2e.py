@@ -5,38 +5,22 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 
-import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import fresh_redis_url
 from tests.provider_servers import ProviderServer
-from tests.utils import (
-    Proc,
-    RedisServer,
-    assert_counts_consistent,
-    auth,
-    new_user,
-    service_env,
-    start_api,
-    start_worker,
-    wait_status,
-)
+from tests.utils import MakeStack, assert_counts_consistent, auth, new_user, wait_status
 
 
 @pytest.fixture
-def provider_stack(request: pytest.FixtureRequest, redis_server: RedisServer) -> Iterator[tuple]:
+def provider_stack(request: pytest.FixtureRequest, make_stack: MakeStack) -> Iterator[tuple]:
     kind, workers, extra = request.param
     with ProviderServer(kind, api_key="sk-e2e") as server:
-        env = service_env(fresh_redis_url(redis_server), IMAGE_PROVIDER=kind, IMAGE_PROVIDER_URL=server.url,
-                          IMAGE_PROVIDER_API_KEY="sk-e2e", IMAGE_MODEL="test-model", **extra)
-        api, base = start_api(env)
-        procs: list[Proc] = [start_worker(env, "--concurrency=2") for _ in range(workers)]
-        with httpx.Client(base_url=base, timeout=30) as client:
+        stack = make_stack(workers, concurrency=2, IMAGE_PROVIDER=kind, IMAGE_PROVIDER_URL=server.url,
+                           IMAGE_PROVIDER_API_KEY="sk-e2e", IMAGE_MODEL="test-model", **extra)
+        with stack.client() as client:
             yield server, client
-        for p in procs:
-            p.stop()
-        api.stop()
+        stack.stop()  # before its provider goes
 
 
 @pytest.mark.parametrize("provider_stack", [("openai", 1, {}), ("automatic1111", 1, {})], indirect=True)
@@ -67,26 +51,21 @@ def test_batch_through_real_provider_protocol(provider_stack: tuple) -> None:
     assert refused.json()["detail"][0]["loc"] == ["body", "params"]
 
 
-def test_a1111_params_that_get_around_the_limits_are_refused(redis_server: RedisServer) -> None:
+def test_a1111_params_that_get_around_the_limits_are_refused(make_stack: MakeStack) -> None:
     """Hires fix, refiner, scripts and infotext could change the size or the model: 422 naming them."""
-    env = service_env(fresh_redis_url(redis_server), IMAGE_PROVIDER="automatic1111",
-                      IMAGE_PROVIDER_URL="http://127.0.0.1:9", IMAGE_MODEL="sd15")
-    api, base = start_api(env)
-    try:
-        with httpx.Client(base_url=base, timeout=30) as client:
-            headers = auth(new_user())
-            for params in ({"enable_hr": True, "hr_scale": 4}, {"hr_resize_x": 8192, "hr_resize_y": 8192},
-                           {"hr_checkpoint_name": "other.safetensors"}, {"refiner_checkpoint": "other"},
-                           {"alwayson_scripts": {"controlnet": {"args": []}}}, {"infotext": "Size: 8192x8192"}):
-                r = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "params": params})
-                assert r.status_code == 422, (params, r.text)
-                assert r.json()["detail"][0]["loc"] == ["body", "params"]
-                assert all(name in r.json()["detail"][0]["msg"] for name in params), r.json()
-            fine = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "params": {
-                "steps": 20, "sampler_name": "Euler a", "cfg_scale": 7}})
-            assert fine.status_code == 201, fine.text
-    finally:
-        api.stop()
+    stack = make_stack(0, IMAGE_PROVIDER="automatic1111", IMAGE_PROVIDER_URL="http://127.0.0.1:9", IMAGE_MODEL="sd15")
+    with stack.client() as client:
+        headers = auth(new_user())
+        for params in ({"enable_hr": True, "hr_scale": 4}, {"hr_resize_x": 8192, "hr_resize_y": 8192},
+                       {"hr_checkpoint_name": "other.safetensors"}, {"refiner_checkpoint": "other"},
+                       {"alwayson_scripts": {"controlnet": {"args": []}}}, {"infotext": "Size: 8192x8192"}):
+            r = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "params": params})
+            assert r.status_code == 422, (params, r.text)
+            assert r.json()["detail"][0]["loc"] == ["body", "params"]
+            assert all(name in r.json()["detail"][0]["msg"] for name in params), r.json()
+        fine = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "params": {
+            "steps": 20, "sampler_name": "Euler a", "cfg_scale": 7}})
+        assert fine.status_code == 201, fine.text
 
 
 @pytest.mark.parametrize("provider_stack", [("openai", 1, {"PROVIDER_MAX_RETRIES": 2})], indirect=True)

@@ -9,24 +9,13 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import fresh_redis_url
-from tests.utils import (
-    RedisServer,
-    assert_counts_consistent,
-    auth,
-    new_user,
-    service_env,
-    start_api,
-    start_worker,
-    wait_status,
-    wait_until,
-)
+from app.harness import RedisServer, Stack, start_api, start_worker, wait_until
+from tests.utils import LOG_DIR, MakeStack, assert_counts_consistent, auth, new_user, service_env, wait_status
 
 
 def _records(redis_url: str, queue_id: str) -> dict[int, dict[str, object]]:
@@ -41,20 +30,17 @@ def _records(redis_url: str, queue_id: str) -> dict[int, dict[str, object]]:
 
 
 @pytest.fixture
-def own_stack(redis_server: RedisServer) -> Iterator[tuple[str, dict[str, str], str]]:
-    url = fresh_redis_url(redis_server)
-    env = service_env(url)
-    api, base = start_api(env)
-    yield url, env, base
-    api.stop()
+def own_stack(make_stack: MakeStack) -> Stack:
+    """An API on a database of its own; each test starts the workers it needs."""
+    return make_stack(0)
 
 
-def test_killed_worker_images_rerun_elsewhere_within_seconds(own_stack: tuple[str, dict[str, str], str]) -> None:
-    url, env, base = own_stack
-    victim = start_worker(env, "--concurrency=4", name="victim")
-    survivor = start_worker(env, "--concurrency=4", name="survivor")
+def test_killed_worker_images_rerun_elsewhere_within_seconds(own_stack: Stack) -> None:
+    url = own_stack.redis_url
+    victim = own_stack.add_worker("--concurrency=4", name="victim")
+    survivor = own_stack.add_worker("--concurrency=4", name="survivor")
     headers = auth(new_user())
-    with httpx.Client(base_url=base, timeout=30) as client:
+    with own_stack.client() as client:
         qid = client.post("/create-queue", headers=headers, json={
             "prompts": ["p"], "count": 40, "width": 64, "height": 64, "params": {"latency_ms": 400}}).json()["queue_id"]
         held = wait_until(
@@ -77,55 +63,52 @@ def test_killed_worker_images_rerun_elsewhere_within_seconds(own_stack: tuple[st
     print(f"\nkill -9 to re-run: {recovery:.2f}s for {len(held)} image(s)")
 
 
-def test_sigterm_finishes_running_images_and_exits_zero(own_stack: tuple[str, dict[str, str], str]) -> None:
-    url, env, base = own_stack
-    worker = start_worker(env, "--concurrency=4", "--grace=10", name="graceful")
+def test_sigterm_finishes_running_images_and_exits_zero(own_stack: Stack) -> None:
+    url = own_stack.redis_url
+    worker = own_stack.add_worker("--concurrency=4", "--grace=10", name="graceful")
     headers = auth(new_user())
-    with httpx.Client(base_url=base, timeout=30) as client:
+    with own_stack.client() as client:
         qid = client.post("/create-queue", headers=headers, json={
             "prompts": ["p"], "count": 12, "width": 64, "height": 64, "params": {"latency_ms": 700}}).json()["queue_id"]
         wait_until(lambda: any(r["s"] == "running" for r in _records(url, qid).values()), 20, what="running images")
         worker.signal(signal.SIGTERM)
         t0 = time.monotonic()
-        code = worker.proc.wait(20)
+        code = worker.wait(20)
         stopped_in = time.monotonic() - t0
         assert code == 0, worker.output()
         status = client.get(f"/queue-status/{qid}", headers=headers).json()
         assert status["running"] == 0 and status["failed"] == 0  # finished, not failed or stuck
         assert status["succeeded"] >= 1
-        rest = start_worker(env, "--concurrency=4")
+        own_stack.add_worker("--concurrency=4")
         done = wait_status(client, headers, qid, {"completed"}, timeout=60)
-        rest.stop()
     assert done["succeeded"] == 12
     assert_counts_consistent(done)
     assert stopped_in < 10, stopped_in
 
 
-def test_sigterm_past_grace_hands_images_back(own_stack: tuple[str, dict[str, str], str]) -> None:
-    url, env, base = own_stack
-    worker = start_worker(env, "--concurrency=4", "--grace=0.5", name="impatient")
+def test_sigterm_past_grace_hands_images_back(own_stack: Stack) -> None:
+    url = own_stack.redis_url
+    worker = own_stack.add_worker("--concurrency=4", "--grace=0.5", name="impatient")
     headers = auth(new_user())
-    with httpx.Client(base_url=base, timeout=30) as client:
+    with own_stack.client() as client:
         qid = client.post("/create-queue", headers=headers, json={
             "prompts": ["p"], "count": 8, "width": 64, "height": 64, "params": {"latency_ms": 5000}}).json()["queue_id"]
         wait_until(lambda: sum(r["s"] == "running" for r in _records(url, qid).values()) == 4, 20,
                    what="four running images")
         worker.signal(signal.SIGTERM)
-        assert worker.proc.wait(15) == 0, worker.output()
+        assert worker.wait(15) == 0, worker.output()
         status = client.get(f"/queue-status/{qid}", headers=headers).json()
         assert status["running"] == 0 and status["pending"] == 8 and status["failed"] == 0, status
-        rest = start_worker(env, "--concurrency=8")
+        own_stack.add_worker("--concurrency=8")
         done = wait_status(client, headers, qid, {"completed"}, timeout=60)
-        rest.stop()
     assert done["succeeded"] == 8
     assert_counts_consistent(done)
 
 
-def test_cancel_stops_running_images_within_a_second(own_stack: tuple[str, dict[str, str], str]) -> None:
-    _url, env, base = own_stack
-    worker = start_worker(env, "--concurrency=8")
+def test_cancel_stops_running_images_within_a_second(own_stack: Stack) -> None:
+    own_stack.add_worker("--concurrency=8")
     headers, bystander = auth(new_user()), auth(new_user())
-    with httpx.Client(base_url=base, timeout=30) as client:
+    with own_stack.client() as client:
         qid = client.post("/create-queue", headers=headers, json={
             "prompts": ["p"], "count": 8, "width": 64, "height": 64,
             "params": {"latency_ms": 20000}}).json()["queue_id"]
@@ -139,7 +122,6 @@ def test_cancel_stops_running_images_within_a_second(own_stack: tuple[str, dict[
         done = wait_status(client, headers, qid, {"cancelled"}, timeout=5)
         quiet = time.monotonic() - t0
         other_done = wait_status(client, bystander, other, {"completed"}, timeout=30)
-    worker.stop()
     assert done["cancelled"] == 8 and done["running"] == 0
     assert_counts_consistent(done)
     assert quiet < 1.0, quiet
@@ -147,14 +129,12 @@ def test_cancel_stops_running_images_within_a_second(own_stack: tuple[str, dict[
     print(f"\ncancel to quiet: {quiet:.3f}s")
 
 
-def test_redis_restart_api_503_then_queue_finishes(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "redis", appendonly=True).start()
-    env = service_env(server.url)
-    api, base = start_api(env)
-    worker = start_worker(env, "--concurrency=4")
+def test_redis_restart_api_503_then_queue_finishes(tmp_path: Path, make_stack: MakeStack) -> None:
+    server = RedisServer(tmp_path / "redis", appendonly=True, log_dir=LOG_DIR).start()
+    stack = make_stack(redis_url=server.url)
     headers = auth(new_user())
     try:
-        with httpx.Client(base_url=base, timeout=30) as client:
+        with stack.client() as client:
             qid = client.post("/create-queue", headers=headers, json={
                 "prompts": ["p"], "count": 30, "width": 64, "height": 64,
                 "params": {"latency_ms": 150}}).json()["queue_id"]
@@ -179,24 +159,23 @@ def test_redis_restart_api_503_then_queue_finishes(tmp_path: Path) -> None:
             assert after.status_code == 201
             wait_status(client, headers, after.json()["queue_id"], {"completed"}, timeout=30)
     finally:
-        worker.stop()
-        api.stop()
+        stack.stop()  # while its Redis is still there
         server.stop()
 
 
 def test_worker_started_before_redis_waits_for_it_and_stops_cleanly(tmp_path: Path) -> None:
-    server = RedisServer(tmp_path / "redis")  # its port is chosen, nothing listens yet
+    server = RedisServer(tmp_path / "redis", log_dir=LOG_DIR)  # its port is chosen, nothing listens yet
     env = service_env(server.url)
-    early = start_worker(env, "--concurrency=2", name="early")
-    idle = start_worker(env, "--concurrency=2", name="idle")
+    early = start_worker(env, "--concurrency=2", name="early", log_dir=LOG_DIR)
+    idle = start_worker(env, "--concurrency=2", name="idle", log_dir=LOG_DIR)
     try:
         # Both up and waiting for Redis (on a loaded machine the interpreter alone may take seconds to start).
         wait_until(lambda: all("lost Redis" in w.output() for w in (early, idle)), 30, what="workers waiting")
-        assert early.proc.poll() is None and idle.proc.poll() is None, early.output()
+        assert early.alive and idle.alive, early.output()
         idle.signal(signal.SIGTERM)  # a stop while Redis is still away is still a clean stop
-        assert idle.proc.wait(15) == 0, idle.output()
+        assert idle.wait(15) == 0, idle.output()
         server.start()
-        api, base = start_api(env)
+        api, base = start_api(env, log_dir=LOG_DIR)
         try:
             headers = auth(new_user())
             with httpx.Client(base_url=base, timeout=30) as client:

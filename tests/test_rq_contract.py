@@ -13,30 +13,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import redis
 from rq import Queue, Worker
 from rq.job import Job
 from rq.registry import FinishedJobRegistry
 
+from app.harness import RedisServer
 from app.services.queue.tickets import TICKET_FUNC, Tickets, rq_queue_name
-from tests.conftest import fresh_redis_url
-from tests.utils import (
-    RedisServer,
-    auth,
-    new_user,
-    service_env,
-    start_api,
-    start_worker,
-    wait_status,
-    wait_until,
-)
+from tests.utils import MakeStack, auth, new_user, wait_status, wait_until
 
 MODEL = "procedural"  # the default model's name with IMAGE_PROVIDER=procedural and no IMAGE_MODEL
 
 
 def test_tickets_are_plain_rq_jobs(redis_server: RedisServer) -> None:
-    connection = redis.Redis.from_url(fresh_redis_url(redis_server))
+    connection = redis.Redis.from_url(redis_server.fresh_url())
     try:
         tickets = Tickets(connection, job_timeout=123)
         assert tickets.wake(MODEL, 3) == 3
@@ -51,11 +41,10 @@ def test_tickets_are_plain_rq_jobs(redis_server: RedisServer) -> None:
         connection.close()
 
 
-def test_worker_is_an_rq_worker_and_redeems_tickets_in_process(redis_server: RedisServer) -> None:
-    url = fresh_redis_url(redis_server)
-    env = service_env(url)
-    api, base = start_api(env)
-    worker = start_worker(env, "--concurrency=4", name="rq-contract")
+def test_worker_is_an_rq_worker_and_redeems_tickets_in_process(make_stack: MakeStack) -> None:
+    stack = make_stack(0)
+    url = stack.redis_url
+    worker = stack.add_worker("--concurrency=4", name="rq-contract")
     connection = redis.Redis.from_url(url)
     try:
         wait_until(lambda: "rq-contract" in {w.name for w in Worker.all(connection=connection)}, 30,
@@ -71,7 +60,7 @@ def test_worker_is_an_rq_worker_and_redeems_tickets_in_process(redis_server: Red
         assert rq_queue_name(MODEL) in info.stdout and "rq-contract" in info.stdout, info.stdout
 
         headers = auth(new_user())
-        with httpx.Client(base_url=base, timeout=30) as client:
+        with stack.client() as client:
             qid = client.post("/create-queue", headers=headers, json={
                 "prompts": ["a", "b"], "count": 3, "width": 64, "height": 64}).json()["queue_id"]
             wait_status(client, headers, qid, {"completed"}, timeout=60)
@@ -85,22 +74,17 @@ def test_worker_is_an_rq_worker_and_redeems_tickets_in_process(redis_server: Red
         assert finished, "redeemed tickets end in RQ's finished registry"
         assert sum(job.return_value()["claimed"] for job in finished) >= 1
     finally:
-        assert worker.stop() == 0
-        api.stop()
         connection.close()
+    assert worker.stop() == 0, worker.output()
 
 
-def test_burst_worker_drains_the_work_then_exits(redis_server: RedisServer) -> None:
-    env = service_env(fresh_redis_url(redis_server))
-    api, base = start_api(env)
-    try:
-        headers = auth(new_user())
-        with httpx.Client(base_url=base, timeout=30) as client:
-            qid = client.post("/create-queue", headers=headers, json={
-                "prompts": ["a", "b"], "count": 5, "width": 64, "height": 64}).json()["queue_id"]
-            worker = start_worker(env, "--concurrency=4", "--burst")
-            assert worker.proc.wait(60) == 0, worker.output()
-            done = client.get(f"/queue-status/{qid}", headers=headers).json()
-        assert done["status"] == "completed" and done["succeeded"] == 10, done
-    finally:
-        api.stop()
+def test_burst_worker_drains_the_work_then_exits(make_stack: MakeStack) -> None:
+    stack = make_stack(0)
+    headers = auth(new_user())
+    with stack.client() as client:
+        qid = client.post("/create-queue", headers=headers, json={
+            "prompts": ["a", "b"], "count": 5, "width": 64, "height": 64}).json()["queue_id"]
+        worker = stack.add_worker("--concurrency=4", "--burst")
+        assert worker.wait(60) == 0, worker.output()
+        done = client.get(f"/queue-status/{qid}", headers=headers).json()
+    assert done["status"] == "completed" and done["succeeded"] == 10, done

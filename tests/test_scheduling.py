@@ -8,41 +8,23 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.conftest import fresh_redis_url
 from tests.provider_servers import ProviderServer
-from tests.utils import (
-    Proc,
-    RedisServer,
-    assert_counts_consistent,
-    auth,
-    new_user,
-    service_env,
-    start_api,
-    start_worker,
-    wait_status,
-    wait_until,
-)
+from tests.utils import MakeStack, assert_counts_consistent, auth, new_user, wait_status, wait_until
 
 
 @pytest.fixture
-def slow_stack(redis_server: RedisServer) -> Iterator[tuple[httpx.Client, list[Proc], dict[str, str]]]:
-    env = service_env(fresh_redis_url(redis_server), MAX_PENDING_IMAGES_PER_USER=500, MAX_ACTIVE_QUEUES_PER_USER=3)
-    api, base = start_api(env)
-    workers = [start_worker(env, "--concurrency=2")]
-    with httpx.Client(base_url=base, timeout=30) as client:
-        wait_until(lambda: client.get("/health").json()["workers"] == 1, 20)
-        yield client, workers, env
-    for w in workers:
-        w.stop()
-    api.stop()
+def slow_stack(make_stack: MakeStack) -> Iterator[httpx.Client]:
+    stack = make_stack(concurrency=2, MAX_PENDING_IMAGES_PER_USER=500, MAX_ACTIVE_QUEUES_PER_USER=3)
+    with stack.client() as client:
+        yield client
 
 
 def body(count: int, latency_ms: int = 100, **extra: object) -> dict[str, object]:
     return {"prompts": ["p"], "count": count, "width": 64, "height": 64, "params": {"latency_ms": latency_ms}, **extra}
 
 
-def test_small_queue_is_not_starved_behind_a_big_one(slow_stack: tuple) -> None:
-    client, _, _ = slow_stack
+def test_small_queue_is_not_starved_behind_a_big_one(slow_stack: httpx.Client) -> None:
+    client = slow_stack
     big_user, small_user = auth(new_user()), auth(new_user())
     big = client.post("/create-queue", headers=big_user, json=body(200)).json()["queue_id"]
     wait_status(client, big_user, big, {"running"}, final=False)
@@ -55,8 +37,8 @@ def test_small_queue_is_not_starved_behind_a_big_one(slow_stack: tuple) -> None:
     client.post(f"/cancel-queue/{big}", headers=big_user)
 
 
-def test_high_priority_goes_first(slow_stack: tuple) -> None:
-    client, _, _ = slow_stack
+def test_high_priority_goes_first(slow_stack: httpx.Client) -> None:
+    client = slow_stack
     user = auth(new_user())
     normal = client.post("/create-queue", headers=user, json=body(20)).json()["queue_id"]
     wait_status(client, user, normal, {"running"}, final=False)
@@ -70,8 +52,8 @@ def test_high_priority_goes_first(slow_stack: tuple) -> None:
     client.post(f"/cancel-queue/{normal}", headers=user)
 
 
-def test_position_and_eta_are_reported(slow_stack: tuple) -> None:
-    client, _, _ = slow_stack
+def test_position_and_eta_are_reported(slow_stack: httpx.Client) -> None:
+    client = slow_stack
     first, second = auth(new_user()), auth(new_user())
     a = client.post("/create-queue", headers=first, json=body(30)).json()["queue_id"]
     wait_status(client, first, a, {"running"}, final=False)
@@ -87,8 +69,8 @@ def test_position_and_eta_are_reported(slow_stack: tuple) -> None:
     client.post(f"/cancel-queue/{b['queue_id']}", headers=second)
 
 
-def test_admission_limits_answer_429_with_retry_after(slow_stack: tuple) -> None:
-    client, _, _ = slow_stack
+def test_admission_limits_answer_429_with_retry_after(slow_stack: httpx.Client) -> None:
+    client = slow_stack
     user = auth(new_user())
     over = client.post("/create-queue", headers=user, json=body(501))
     assert over.status_code == 429 and over.headers["retry-after"] and "pending images" in over.json()["detail"]
@@ -101,23 +83,16 @@ def test_admission_limits_answer_429_with_retry_after(slow_stack: tuple) -> None
     wait_until(lambda: client.post("/create-queue", headers=user, json=body(1)).status_code == 201, 10)
 
 
-def test_global_provider_cap_holds_across_workers(redis_server: RedisServer) -> None:
+def test_global_provider_cap_holds_across_workers(make_stack: MakeStack) -> None:
     with ProviderServer("automatic1111", latency=0.2) as server:
-        env = service_env(fresh_redis_url(redis_server), IMAGE_PROVIDER="automatic1111",
-                          IMAGE_PROVIDER_URL=server.url, PROVIDER_MAX_CONCURRENCY=3)
-        api, base = start_api(env)
-        workers = [start_worker(env, "--concurrency=4") for _ in range(2)]
+        stack = make_stack(2, IMAGE_PROVIDER="automatic1111", IMAGE_PROVIDER_URL=server.url,
+                           PROVIDER_MAX_CONCURRENCY=3)
         user = auth(new_user())
-        try:
-            with httpx.Client(base_url=base, timeout=30) as client:
-                wait_until(lambda: client.get("/health").json()["workers"] == 2, 20)
-                qid = client.post("/create-queue", headers=user, json={"prompts": ["p"], "count": 24, "width": 64,
-                                                                       "height": 64}).json()["queue_id"]
-                done = wait_status(client, user, qid, {"completed"}, timeout=60)
-        finally:
-            for w in workers:
-                w.stop()
-            api.stop()
+        with stack.client() as client:
+            qid = client.post("/create-queue", headers=user, json={"prompts": ["p"], "count": 24, "width": 64,
+                                                                   "height": 64}).json()["queue_id"]
+            done = wait_status(client, user, qid, {"completed"}, timeout=60)
+        stack.stop()
     assert done["succeeded"] == 24
     assert_counts_consistent(done)
     assert server.max_in_flight == 3

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
+from app.harness import RedisServer
 from app.services.queue.states import Discarded, Outcome, Priority
 from app.services.queue.store import (
     LUA_DIR,
@@ -20,15 +21,13 @@ from app.services.queue.store import (
     QueueStore,
     lua_preamble,
 )
-from tests.conftest import fresh_redis_url
-from tests.utils import RedisServer
 
 TTL = 600
 
 
 @pytest.fixture
 async def store(redis_server: RedisServer) -> AsyncIterator[QueueStore]:
-    client = Redis.from_url(fresh_redis_url(redis_server), max_connections=1000)
+    client = Redis.from_url(redis_server.fresh_url(), max_connections=1000)
     yield QueueStore(client)
     await client.aclose()
 

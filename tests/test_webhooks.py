@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tests.conftest import fresh_redis_url
-from tests.utils import RedisServer, auth, free_port, new_user, service_env, start_api, start_worker, wait_until
+from app.harness import free_port
+from tests.utils import MakeStack, auth, new_user, wait_until
 
 SECRET = "whsec-test-0123456789"
 
@@ -68,18 +68,13 @@ def receiver() -> Iterator[Receiver]:
 
 
 @pytest.fixture
-def hook_stack(redis_server: RedisServer) -> Iterator[tuple[httpx.Client, dict[str, str]]]:
-    env = service_env(fresh_redis_url(redis_server), WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOW_PRIVATE="true")
-    api, base = start_api(env)
-    worker = start_worker(env, "--concurrency=4")
-    with httpx.Client(base_url=base, timeout=30) as client:
-        yield client, env
-    worker.stop()
-    api.stop()
+def hook_stack(make_stack: MakeStack) -> Iterator[httpx.Client]:
+    with make_stack(WEBHOOK_SECRET=SECRET, WEBHOOK_ALLOW_PRIVATE="true").client() as client:
+        yield client
 
 
-def test_webhooks_signed_retried_and_in_order(receiver: Receiver, hook_stack: tuple) -> None:
-    client, _ = hook_stack
+def test_webhooks_signed_retried_and_in_order(receiver: Receiver, hook_stack: httpx.Client) -> None:
+    client = hook_stack
     headers = auth(new_user())
     receiver.script = [500]
     qid = client.post("/create-queue", headers=headers, json={
@@ -105,8 +100,8 @@ def test_webhooks_signed_retried_and_in_order(receiver: Receiver, hook_stack: tu
     assert hook["events"] == ["queue.started", "image.finished", "queue.finished"]
 
 
-def test_webhook_event_filter(receiver: Receiver, hook_stack: tuple) -> None:
-    client, _ = hook_stack
+def test_webhook_event_filter(receiver: Receiver, hook_stack: httpx.Client) -> None:
+    client = hook_stack
     headers = auth(new_user())
     client.post("/create-queue", headers=headers, json={
         "prompts": ["a"], "count": 2, "width": 64, "height": 64, "webhook_url": receiver.url,
@@ -116,22 +111,15 @@ def test_webhook_event_filter(receiver: Receiver, hook_stack: tuple) -> None:
     assert [r["type"] for r in receiver.received] == ["queue.finished"]
 
 
-def test_private_webhook_targets_are_refused_by_default(redis_server: RedisServer, receiver: Receiver) -> None:
-    env = service_env(fresh_redis_url(redis_server), WEBHOOK_SECRET=SECRET)
-    api, base = start_api(env)
-    worker = start_worker(env, "--concurrency=2")
+def test_private_webhook_targets_are_refused_by_default(make_stack: MakeStack, receiver: Receiver) -> None:
     headers = auth(new_user())
-    try:
-        with httpx.Client(base_url=base, timeout=30) as client:
-            qid = client.post("/create-queue", headers=headers, json={
-                "prompts": ["a"], "width": 64, "height": 64, "webhook_url": receiver.url}).json()["queue_id"]
-            hook = wait_until(lambda: client.get(f"/queue-status/{qid}", headers=headers).json()["webhook"]
-                              .get("deliveries"), 20, what="delivery state")
-            assert "private address" in hook["last_error"]
-            assert receiver.received == []
-    finally:
-        worker.stop()
-        api.stop()
+    with make_stack(concurrency=2, WEBHOOK_SECRET=SECRET).client() as client:
+        qid = client.post("/create-queue", headers=headers, json={
+            "prompts": ["a"], "width": 64, "height": 64, "webhook_url": receiver.url}).json()["queue_id"]
+        hook = wait_until(lambda: client.get(f"/queue-status/{qid}", headers=headers).json()["webhook"]
+                          .get("deliveries"), 20, what="delivery state")
+        assert "private address" in hook["last_error"]
+        assert receiver.received == []
 
 
 def test_webhooks_need_a_configured_secret(client: httpx.Client) -> None:

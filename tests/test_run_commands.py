@@ -1,10 +1,13 @@
-"""The original manual steps on a fresh copy of the code: `uvicorn app.main:app --reload`, a token from
-`python -m app.cli token`, `python worker.py --concurrency=3`; importing app.main does nothing else."""
+"""The ways to start the service: ./run.sh (app.dev), and the original manual steps on a fresh copy of
+the code (`uvicorn app.main:app --reload`, a token from `python -m app.cli token`, `python worker.py
+--concurrency=3`); importing app.main does nothing else."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -12,8 +15,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import fresh_redis_url
-from tests.utils import ROOT, Proc, RedisServer, free_port, new_user, wait_status, wait_until
+from app.harness import ROOT, Process, RedisServer, free_port, http_ok, redis_answers, start_server, wait_until
+from tests.utils import LOG_DIR, new_user, wait_status
 
 # What a developer's shell may carry that would change the outcome: cleared for these runs.
 _CONFIG_PREFIXES = ("JWT_", "URL_SIGNING", "REDIS_", "IMAGE_", "MODELS_", "REQUIRE_AUTH", "IMAGEQUEUE_", "PROCEDURAL_")
@@ -33,24 +36,41 @@ def fresh_copy(where: Path) -> Path:
     return where
 
 
+def test_run_command_serves_and_ctrl_c_stops_everything(tmp_path: Path) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    env = clean_env(PYTHONPATH=str(ROOT), IMAGEQUEUE_DATA_DIR=str(data), PROCEDURAL_LATENCY_MS="0")
+    run = Process([sys.executable, "-m", "app.dev", "--embedded-redis", "--port", str(port), "--concurrency", "2"],
+                  name="run", env=env, cwd=tmp_path, log_dir=LOG_DIR, own_session=True)  # a terminal of its own
+    wait_until(lambda: "Ctrl+C stops everything." in run.output() or not run.alive, 90, what="./run.sh to start")
+    out = run.output()
+    assert run.alive, out
+    redis_url = re.search(r"started an embedded Redis at (\S+)", out)
+    token = re.search(r"export TOKEN=(\S+)", out)
+    assert redis_url and token and f"generated a local JWT secret in {data / 'jwt-secret'}" in out, out
+    assert f"http://127.0.0.1:{port}/#token={token[1]}" in out
+    headers = {"Authorization": f"Bearer {token[1]}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        created = client.post("/create-queue", headers=headers, json={"prompts": ["x"], "count": 4, "width": 64,
+                                                                     "height": 64})
+        assert created.status_code == 201, created.text
+        assert wait_status(client, headers, created.json()["queue_id"], {"completed"})["succeeded"] == 4
+    os.killpg(run.proc.pid, signal.SIGINT)  # Ctrl+C: to the command, its API and its worker, not its Redis
+    assert run.wait(60) == 0, run.output()
+    assert not redis_answers(redis_url[1])  # stopped last, by the command
+    assert (data / "redis" / "appendonlydir").is_dir()
+
+
 def test_original_manual_steps_run_a_queue(tmp_path: Path, redis_server: RedisServer) -> None:
     clone = fresh_copy(tmp_path / "clone")
-    env = clean_env(REDIS_URL=fresh_redis_url(redis_server), WORKER_HEARTBEAT_SECONDS="0.5")
+    env = clean_env(REDIS_URL=redis_server.fresh_url(), WORKER_HEARTBEAT_SECONDS="0.5")
     port = free_port()
-    uvicorn = str(Path(sys.executable).with_name("uvicorn"))
-    api = Proc([uvicorn, "app.main:app", "--reload", "--port", str(port)], env, "manual-api", cwd=clone)
     base = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        assert api.proc.poll() is None, api.output()
-        try:
-            return httpx.get(base + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
+    uvicorn = str(Path(sys.executable).with_name("uvicorn"))
+    api = start_server([uvicorn, "app.main:app", "--reload", "--port", str(port)], name="manual-api",
+                       ready=http_ok(base + "/health"), timeout=60, env=env, cwd=clone, log_dir=LOG_DIR)
     worker = None
     try:
-        wait_until(up, 60, what="uvicorn app.main:app to serve")
         secret = clone / ".data" / "jwt-secret"
         assert stat.S_IMODE(secret.stat().st_mode) == 0o600
         assert "get a token with:  python -m app.cli token USER" in api.output()
@@ -59,7 +79,8 @@ def test_original_manual_steps_run_a_queue(tmp_path: Path, redis_server: RedisSe
         minted = subprocess.run([sys.executable, "-m", "app.cli", "token", user], cwd=clone, env=env,
                                 capture_output=True, text=True, timeout=60, check=True)
         headers = {"Authorization": f"Bearer {minted.stdout.strip()}"}
-        worker = Proc([sys.executable, "worker.py", "--concurrency=3"], env, "manual-worker", cwd=clone)
+        worker = Process([sys.executable, "worker.py", "--concurrency=3"], name="manual-worker", env=env, cwd=clone,
+                         log_dir=LOG_DIR)
         with httpx.Client(base_url=base, timeout=30) as client:
             created = client.post("/create-queue", headers=headers,
                                   json={"prompts": ["a red fox", "a blue owl"], "count": 3, "width": 64, "height": 64})
