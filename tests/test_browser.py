@@ -13,7 +13,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Route, ViewportSize, expect, sync_playwright
 
 from app.harness import Stack
-from tests.utils import ROOT, auth, new_user, token, wait_status, wait_until
+from tests.utils import ROOT, auth, new_user, require_tool, token, wait_status, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = [
@@ -39,11 +39,8 @@ IMAGES_LOADED = """([queueId, n]) => {
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.skip(
-            f"BROWSER TESTS SKIPPED: no Chromium at {CHROMIUM}. Install it with scripts/install-test-tools.sh "
-            "(as root) to test the web client."
-        )
+    require_tool(CHROMIUM.exists(), f"BROWSER TESTS SKIPPED: no Chromium at {CHROMIUM}. Install it with "
+                 "scripts/install-test-tools.sh (as root) to test the web client.")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS)

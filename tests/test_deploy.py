@@ -8,9 +8,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from app.harness import ROOT, api_command, worker_command
+from tests.utils import require_tool
 
 API_COMMAND = "uvicorn app.main:app --host 0.0.0.0 --port 8000"
 WORKER_COMMAND = "python worker.py --concurrency="
@@ -23,9 +22,8 @@ def cmd(dockerfile: str) -> str:
 
 
 def test_dockerfiles_lint_and_compose_validates() -> None:
-    if shutil.which("docker-compose") is None:
-        pytest.skip("docker-compose is not installed (scripts/install-test-tools.sh installs it as root): "
-                    "COMPOSE FILE NOT VALIDATED")
+    require_tool(shutil.which("docker-compose") is not None, "docker-compose is not installed "
+                 "(scripts/install-test-tools.sh installs it as root): COMPOSE FILE NOT VALIDATED")
     result = subprocess.run(["bash", "scripts/check-deploy.sh"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "docker-compose.yml: valid" in result.stdout

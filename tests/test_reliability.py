@@ -17,6 +17,9 @@ import pytest
 from app.harness import RedisServer, Stack, start_api, start_worker, wait_until
 from tests.utils import LOG_DIR, MakeStack, assert_counts_consistent, auth, new_user, service_env, wait_status
 
+# Scheduling delays on a loaded two-core machine, on top of what the settings promise.
+SLACK_SECONDS = 2.0
+
 
 def _records(redis_url: str, queue_id: str) -> dict[int, dict[str, object]]:
     import redis
@@ -39,6 +42,10 @@ def test_killed_worker_images_rerun_elsewhere_within_seconds(own_stack: Stack) -
     url = own_stack.redis_url
     victim = own_stack.add_worker("--concurrency=4", name="victim")
     survivor = own_stack.add_worker("--concurrency=4", name="survivor")
+    # The last lease renewal is at most a heartbeat before the kill; the lease then runs out, and the
+    # next sweep of the survivor's reaper (every heartbeat) re-queues the images.
+    settings = own_stack.env
+    bound = float(settings["WORKER_LEASE_SECONDS"]) + float(settings["WORKER_HEARTBEAT_SECONDS"]) + SLACK_SECONDS
     headers = auth(new_user())
     with own_stack.client() as client:
         qid = client.post("/create-queue", headers=headers, json={
@@ -53,13 +60,13 @@ def test_killed_worker_images_rerun_elsewhere_within_seconds(own_stack: Stack) -
             recs = _records(url, qid)
             return all(recs[i]["s"] != "running" or recs[i]["w"] != "victim" for i in held)
 
-        wait_until(rerun, 30, what="images of the killed worker to be re-run")
+        wait_until(rerun, 3 * bound, what="images of the killed worker to be re-run")
         recovery = time.monotonic() - killed_at
         done = wait_status(client, headers, qid, {"completed"}, timeout=60)
     survivor.stop()
     assert done["succeeded"] == 40 and done["failed"] == 0
     assert_counts_consistent(done)
-    assert recovery < 30, recovery
+    assert recovery <= bound, f"re-run {recovery:.2f}s after the kill, past lease + heartbeat ({bound:.1f}s)"
     print(f"\nkill -9 to re-run: {recovery:.2f}s for {len(held)} image(s)")
 
 

@@ -5,12 +5,14 @@ Processes (Redis, API, workers) come from app.harness, shared with ./run.sh and 
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import httpx
+import pytest
 from jose import jwt
 
 from app.harness import QUICK_SETTINGS, ROOT, Stack, isolated_env, wait_until
@@ -23,6 +25,16 @@ DATABASES = 512  # one per test that wants a clean slate; the server is ours, so
 def service_env(redis_url: str, **overrides: Any) -> dict[str, str]:
     """The environment of the suite's API and workers on `redis_url`: quick leases and heartbeats."""
     return isolated_env(redis_url, TEST_SECRET, **{**QUICK_SETTINGS, "LOG_LEVEL": "INFO", **overrides})
+
+
+def require_tool(found: bool, missing: str) -> None:
+    """Skips the test when a tool it drives is not installed here, with `missing` saying so; in CI
+    (CI=true), where scripts/install-test-tools.sh installs every tool, fails it instead."""
+    if found:
+        return
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        pytest.fail(f"{missing} (CI=true: every test must run)")
+    pytest.skip(missing)
 
 
 class MakeStack(Protocol):
