@@ -59,13 +59,19 @@ def run_batch(base: str, headers: dict[str, str]) -> dict:
     return done
 
 
+def clock_env(provider_url: str) -> dict[str, object]:
+    """Leases of 10 s (the default): well under the skews tested, and long enough that a loaded test
+    machine never lets one lapse for want of CPU, which would re-run an image for another reason."""
+    return {"IMAGE_PROVIDER": "openai", "IMAGE_PROVIDER_URL": provider_url, "IMAGE_MODEL": "m",
+            "WORKER_LEASE_SECONDS": 10, "WORKER_HEARTBEAT_SECONDS": 1}
+
+
 @pytest.mark.parametrize("offset", ["-30s", "+30s"])
 def test_two_workers_with_skewed_clocks_generate_each_image_once(tmp_path: Path, offset: str,
                                                                  make_stack: MakeStack) -> None:
     server = RedisServer(tmp_path / "redis", log_dir=LOG_DIR).start()
     provider = ProviderServer("openai", latency=0.4).start()
-    stack = make_stack(0, redis_url=server.url, IMAGE_PROVIDER="openai", IMAGE_PROVIDER_URL=provider.url,
-                       IMAGE_MODEL="m")
+    stack = make_stack(0, redis_url=server.url, **clock_env(provider.url))
     stack.add_worker("--concurrency=4", name="on-time")
     skewed_worker(stack, "skewed", offset=offset)
     try:
@@ -89,8 +95,7 @@ def test_two_workers_with_skewed_clocks_generate_each_image_once(tmp_path: Path,
 def test_worker_whose_clock_steps_mid_batch_keeps_its_leases(tmp_path: Path, make_stack: MakeStack) -> None:
     server = RedisServer(tmp_path / "redis", log_dir=LOG_DIR).start()
     provider = ProviderServer("openai", latency=0.5).start()
-    stack = make_stack(0, redis_url=server.url, IMAGE_PROVIDER="openai", IMAGE_PROVIDER_URL=provider.url,
-                       IMAGE_MODEL="m")
+    stack = make_stack(0, redis_url=server.url, **clock_env(provider.url))
     clock = tmp_path / "faketime"
     clock.write_text("+0s\n")
     skewed_worker(stack, "stepping", offset_file=clock)
