@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import subprocess
 import sys
 import time
 
 import httpx
 
-from bench.common import ROOT, auth, free_port, new_user, private_redis, report, stack, wait_done, wait_until
+from app.harness import start_server
+from bench.common import LOG_DIR, auth, free_port, new_user, private_redis, report, stack, wait_done
 
 
 def provider_alone(url: str, images: int, concurrency: int, size: int) -> float:
@@ -67,11 +67,11 @@ def main() -> None:
     args = parser.parse_args()
     n, lat = args.concurrency, args.latency_ms
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "bench.openai_server", "--port", str(port),
-                               "--latency-ms", str(lat), *(["--photo"] if args.photo else [])], cwd=ROOT)
     url = f"http://127.0.0.1:{port}/v1"
+    server = start_server([sys.executable, "-m", "bench.openai_server", "--port", str(port), "--latency-ms", str(lat),
+                           *(["--photo"] if args.photo else [])], name="openai-server", ready=lambda: _answers(url),
+                          log_dir=LOG_DIR)
     try:
-        wait_until(lambda: _answers(url), 20, what="OpenAI-protocol server")
         kind = "photo-like" if args.photo else "flat"
         print(f"# http throughput: openai protocol over loopback, {args.size}x{args.size} {kind} PNGs, "
               f"L={lat:g} ms, N={n}, {args.images} images", flush=True)
@@ -86,8 +86,7 @@ def main() -> None:
         report("provider alone (one async httpx client, N in flight)", alone, "img/s", "", ideal, "ideal N/L")
         report("imagequeue W=1 vs the provider alone", service, "img/s", ">= 0.95", alone, "provider alone")
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop(10)
 
 
 def _answers(url: str) -> bool:
