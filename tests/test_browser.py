@@ -1,16 +1,29 @@
-"""The web client in a real browser: token from the URL, a batch filling in live, cancel, errors, phone layout."""
+"""The web client in a real browser: token from the URL, a batch filling in live, cancel, errors, phone layout,
+conditional polling."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Locator, Page, Route, ViewportSize, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Locator,
+    Page,
+    Response,
+    Route,
+    ViewportSize,
+    expect,
+    sync_playwright,
+)
 
 from app.harness import Stack
 from tests.utils import ROOT, auth, new_user, require_tool, token, wait_status, wait_until
@@ -77,7 +90,7 @@ def card(page: Page, queue_id: str) -> Locator:
 def queue_ids(client: httpx.Client, headers: dict[str, str]) -> list[str]:
     ids = [q["queue_id"] for q in client.get("/active-queues", headers=headers).json()["queues"]]
     ids += [q["queue_id"] for q in client.get("/history", headers=headers).json()["queues"]]
-    return ids
+    return list(dict.fromkeys(ids))  # one that finishes between the two calls is in both
 
 
 def test_batch_from_the_form_fills_in_live_and_opens_large(browser: Browser, stack: Stack,
@@ -291,5 +304,77 @@ def test_phone_layout_fits_375_pixels(browser: Browser, stack: Stack, client: ht
     page.screenshot(path=SCREENSHOTS / "phone-lightbox.png")
     widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
     assert widths[0] <= widths[1], widths
+    assert errors.errors == []
+    page.close()
+
+
+class EtagServer:
+    """Answers the polled GETs as a server with ETags would (a hash of the body), whatever the real one sends."""
+
+    POLLED = re.compile(r"/(queue-status/[^/?]+|active-queues|history)(\?|$)")
+
+    def __init__(self, page: Page) -> None:
+        self.answers: list[tuple[str, str | None, int]] = []  # (path, If-None-Match, status)
+        page.route(self.POLLED, self._answer)
+
+    def _answer(self, route: Route) -> None:
+        asked = route.request.headers.get("if-none-match")
+        forward = {k: v for k, v in route.request.headers.items() if k != "if-none-match"}
+        response = route.fetch(headers=forward)  # in full, to have a body to hash
+        etag = f'"{hashlib.sha256(response.body()).hexdigest()[:20]}"'
+        status = 304 if response.status == 200 and asked == etag else response.status
+        self.answers.append((urlsplit(route.request.url).path, asked, status))
+        if status == 304:
+            route.fulfill(status=304, headers={"ETag": etag})
+        else:
+            route.fulfill(response=response, headers={**response.headers, "ETag": etag})
+
+    def not_modified(self, path: str) -> int:
+        return sum(1 for answered, asked, status in self.answers if answered == path and asked and status == 304)
+
+
+def not_modified(path: str) -> Callable[[Response], bool]:
+    return lambda response: urlsplit(response.url).path == path and response.status == 304
+
+
+def test_polls_ask_if_changed_and_a_304_keeps_the_last_answer(browser: Browser, stack: Stack,
+                                                             client: httpx.Client) -> None:
+    user = new_user()
+    headers = auth(user)
+    jwt = token(user)
+    done = client.post("/create-queue", headers=headers, json={
+        "prompts": ["a paper kite"], "count": 16, "width": 64, "height": 64, "name": "kites",
+    }).json()["queue_id"]
+    wait_status(client, headers, done, {"completed"})
+    page = browser.new_page(viewport=DESKTOP)
+    page.set_default_timeout(WAIT_MS)
+    errors = PageErrors(page)
+    server = EtagServer(page)
+    page.goto(f"{stack.base_url}/#token={jwt}")
+    history_card = card(page, done)
+    expect(history_card.locator(".tile")).to_have_count(12)
+    status_path = f"/queue-status/{done}"
+
+    show_all = history_card.locator("button.show-all")
+    show_all.click()  # all 16 from the history's answer, and the queue's status asked for in full
+    expect(history_card.locator(".tile")).to_have_count(16)
+    show_all.click()
+    expect(history_card.locator(".tile")).to_have_count(12)
+    with page.expect_response(not_modified(status_path)):
+        show_all.click()  # asked again with the ETag: 304, and the card stays as it was
+    assert next(asked for path, asked, _ in server.answers if path == status_path) is None
+    assert server.not_modified(status_path) == 1
+    expect(history_card.locator(".tile")).to_have_count(16)
+    expect(history_card.locator(".counts")).to_have_text("16/16 done")
+    page.wait_for_function(IMAGES_LOADED, arg=[done, 16])
+
+    # The same token again starts the view over: both lists come back as 304s, from the last answers.
+    page.click("#token-toggle")
+    page.fill("#token-input", jwt)
+    with page.expect_response(not_modified("/active-queues")), page.expect_response(not_modified("/history")):
+        page.click("#token-form button[type=submit]")
+    expect(history_card).to_have_attribute("data-status", "completed")
+    expect(history_card.locator(".tile")).to_have_count(12)
+    expect(page.locator("#history-count")).to_have_text("1")
     assert errors.errors == []
     page.close()

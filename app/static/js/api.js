@@ -15,7 +15,9 @@ export class ApiError extends Error {
   }
 }
 
-export async function api(method, path, { body, headers } = {}) {
+// Sends one request and reads its JSON (or text, or null when empty). Throws an ApiError unless the
+// status is 2xx, or 304 to a request that asked If-None-Match.
+async function request(method, path, { body, headers } = {}) {
   const h = { Accept: "application/json", ...(headers || {}) };
   const token = currentToken();
   if (token) h.Authorization = `Bearer ${token}`;
@@ -39,14 +41,30 @@ export async function api(method, path, { body, headers } = {}) {
   if (text) {
     try { data = JSON.parse(text); } catch { data = text; }
   }
-  if (!res.ok) {
+  if (!res.ok && !(res.status === 304 && "If-None-Match" in h)) {
     const detail = data && typeof data === "object" && "detail" in data ? data.detail : (text || res.statusText);
     const retry = Number.parseInt(res.headers.get("Retry-After") || "", 10);
     throw new ApiError(res.status, detail, Number.isFinite(retry) ? retry : null);
   }
   clearMessage("network");
   clearMessage("store");
-  return data;
+  return { res, data };
+}
+
+export async function api(method, path, options) {
+  return (await request(method, path, options)).data;
+}
+
+// A GET for something polled. `last` is what this returned before (or null): when it was for the
+// same path and token and came with an ETag, the server is asked If-None-Match, and its 304 ("not
+// changed") gives `last` back, to be used as if the same answer had come again. A server that sends
+// no ETag is simply asked in full each time. Returns { path, token, etag, data }.
+export async function getIfChanged(path, last) {
+  const token = currentToken();
+  const known = last && last.etag && last.path === path && last.token === token ? last : null;
+  const { res, data } = await request("GET", path, { headers: known ? { "If-None-Match": known.etag } : {} });
+  if (res.status === 304) return known;
+  return { path, token, etag: res.headers.get("ETag"), data };
 }
 
 // What a missing or refused token means for the page is decided where the page is put together.

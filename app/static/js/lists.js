@@ -1,6 +1,6 @@
 // Loading the Active and History lists from the server, with History's search, filter and paging.
 
-import { api, reportError } from "./api.js";
+import { getIfChanged, reportError } from "./api.js";
 import { render } from "./cards.js";
 import { $ } from "./dom.js";
 import { isFinished } from "./model.js";
@@ -13,6 +13,9 @@ const SEARCH_DEBOUNCE_MS = 300;
 
 const historyQuery = { loading: false, search: "", status: "" };
 let refreshTimer = null;
+// The last answers, for conditional requests: on a 304 the same answer is used again.
+let lastActive = null;
+let lastHistory = null;
 
 function scheduleRefresh(seconds) {
   clearTimeout(refreshTimer);
@@ -26,7 +29,8 @@ export async function refreshActive() {
   if (!currentToken()) return;
   let page;
   try {
-    page = await api("GET", "/active-queues");
+    lastActive = await getIfChanged("/active-queues", lastActive);
+    page = lastActive.data;
   } catch (err) {
     const wait = reportError(err, "load the active queues", true);
     if (wait) scheduleRefresh(wait);
@@ -59,7 +63,8 @@ export async function loadHistory(reset) {
   historyQuery.loading = true;
   $("history-more").disabled = true;
   try {
-    const page = await api("GET", `/history?${params}`);
+    lastHistory = await getIfChanged(`/history?${params}`, lastHistory);
+    const page = lastHistory.data;
     for (const s of page.queues) {
       const known = queues.get(s.queue_id);
       const q = upsertQueue(s, { place: "append", expanded: known ? known.expanded : false });

@@ -8,6 +8,7 @@ export function newQueue(s, expanded) {
   const q = {
     id: s.queue_id, status: { ...s }, images: new Map(), tiles: new Map(), final: false, expanded,
     seq: 0, timer: null, fetching: false, dirty: false, renderQueued: false, urlsAt: 0,
+    lastStatus: null, renewUrls: false,
   };
   delete q.status.images;
   return q;

@@ -1,8 +1,9 @@
 // Each queue's full status (with its images) from GET /queue-status, at most one request in flight
-// per queue, spaced by the queue's size. Live events ask for it; its answer settles what events
-// can only approximate.
+// per queue, spaced by the queue's size, and conditional: while the status has not changed the
+// server answers 304 and the last answer stands. Live events ask for it; its answer settles what
+// events can only approximate.
 
-import { ApiError, api, reportError } from "./api.js";
+import { ApiError, getIfChanged, reportError } from "./api.js";
 import { render } from "./cards.js";
 import { mergeImages, mergeStatus } from "./model.js";
 import { isShown, placeCard, removeQueue } from "./queues.js";
@@ -32,9 +33,14 @@ async function fetchStatus(q) {
   if (!isShown(q) || !currentToken()) return;
   q.fetching = true;
   const seq = q.seq;
+  // Renewed image URLs need not change the status, so after a broken image the status is asked in full.
+  const renew = q.renewUrls;
+  q.renewUrls = false;
   try {
-    const s = await api("GET", `/queue-status/${encodeURIComponent(q.id)}`);
+    q.lastStatus = await getIfChanged(`/queue-status/${encodeURIComponent(q.id)}`, renew ? null : q.lastStatus);
     if (!isShown(q)) return;
+    // After a 304 this is the last answer again, merged as if it had come in full.
+    const s = q.lastStatus.data;
     if (mergeStatus(q, s, seq)) {
       if (s.finished_at) q.final = true;
     }
@@ -43,6 +49,7 @@ async function fetchStatus(q) {
     render(q);
   } catch (err) {
     if (!isShown(q)) return;
+    q.renewUrls = q.renewUrls || renew;
     if (err instanceof ApiError && err.status === 404) {
       removeQueue(q);
       return;
@@ -67,5 +74,6 @@ export function refreshUrls(q) {
   const now = Date.now();
   if (now - q.urlsAt < URL_REFRESH_MIN_MS) return;
   q.urlsAt = now;
+  q.renewUrls = true;
   scheduleStatus(q, 0);
 }
