@@ -208,10 +208,11 @@ class RedisServer:
     """A private Redis-compatible server on a free port of 127.0.0.1, restartable on the same port.
 
     `appendonly` keeps its data across restarts (`fsync` "always" loses nothing on a kill, "everysec" is
-    Redis's own default); `own_session` keeps it out of the terminal's Ctrl+C, so it can stop last."""
+    Redis's own default); `own_session` and `tracked` as for `Process`."""
 
     def __init__(self, data_dir: Path, *, port: int | None = None, appendonly: bool = False, fsync: str = "always",
-                 databases: int = 16, log_dir: Path | None = None, own_session: bool = False) -> None:
+                 databases: int = 16, log_dir: Path | None = None, own_session: bool = False,
+                 tracked: bool = True) -> None:
         self.data_dir = data_dir
         self.port = port or free_port()
         self.appendonly = appendonly
@@ -219,6 +220,7 @@ class RedisServer:
         self.databases = databases
         self.log_dir = log_dir
         self.own_session = own_session
+        self.tracked = tracked
         self.process: Process | None = None
         self._next_db = 1  # 0 is the server's default database, left to `url`
 
@@ -248,7 +250,7 @@ class RedisServer:
         if self.log_dir is None:  # its own log beside its data, not on the terminal
             args += ["--logfile", str((self.data_dir / "redis.log").resolve())]
         self.process = start_server(args, name="redis", ready=lambda: redis_answers(self.url), timeout=timeout,
-                                    log_dir=self.log_dir, own_session=self.own_session)
+                                    log_dir=self.log_dir, own_session=self.own_session, tracked=self.tracked)
         return self
 
     def stop(self, grace: float = 10) -> None:

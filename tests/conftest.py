@@ -27,8 +27,10 @@ def _no_leftover_processes() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """Our own server on a free port: tests never touch a Redis they did not start. Each stack takes a
-    database of its own (`fresh_url()`); the shared `stack` has database 0."""
-    server = RedisServer(Path(tmp_path_factory.mktemp("redis")), databases=DATABASES, log_dir=LOG_DIR).start()
+    database of its own (`fresh_url()`); the shared `stack` has database 0. Not tracked: a test that
+    asks for it first (getfixturevalue) must not take it down with its own leftovers."""
+    server = RedisServer(Path(tmp_path_factory.mktemp("redis")), databases=DATABASES, log_dir=LOG_DIR,
+                         tracked=False).start()
     yield server
     server.stop()
 

@@ -39,7 +39,6 @@ from app.services.images.redis import RedisStore
 from app.services.images.s3 import S3Store
 from app.services.images.saving import save_image
 from tests.seaweedfs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedServer
-from tests.utils import DATABASES
 
 BUCKET = "imagequeue-test"
 
@@ -67,7 +66,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield s3_store(request.getfixturevalue("seaweedfs"), f"contract-{uuid.uuid4().hex[:8]}")
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
-        client = redis.asyncio.Redis(port=server.port, db=DATABASES - 1)
+        client = redis.asyncio.Redis.from_url(server.fresh_url())
         yield RedisStore(client, max_age_seconds=600)
         await client.aclose()
 
