@@ -34,7 +34,7 @@ from app.services.models import load_catalog
 from app.services.queue.fleet import FleetService
 from app.services.queue.queue_service import QueueService
 from app.services.queue.store import QueueStore
-from app.services.queue.tickets import Tickets
+from app.services.queue.tickets import Tickets, ticket_timeout
 
 STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger("imagequeue.api")
@@ -157,8 +157,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             exp = signature_expiry(settings)
             return f"/images/{queue_id}/{index}?exp={exp}&sig={sign_image(settings, queue_id, index, attempt, exp)}"
 
-        job_timeout = int(settings.worker_ticket_seconds + settings.worker_grace_seconds + 60)
-        app.state.queue_service = QueueService(store, Tickets(sync_client, job_timeout), settings, catalog, image_url)
+        tickets = Tickets(sync_client, ticket_timeout(settings))
+        app.state.queue_service = QueueService(store, tickets, settings, catalog, image_url)
         app.state.fleet = FleetService(store, catalog)
         log.info("api ready: models %s, redis %s", ", ".join(catalog.models), _redacted(settings.effective_redis_url))
         try:

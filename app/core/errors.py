@@ -35,10 +35,6 @@ class Conflict(ImageQueueError):
     status_code = 409
 
 
-class TooLarge(ImageQueueError):
-    status_code = 413
-
-
 class Unprocessable(ImageQueueError):
     """A 422 in FastAPI's shape: `detail` is a list of {loc, msg, type}."""
 
@@ -59,10 +55,6 @@ class TooManyRequests(ImageQueueError):
 
 class Unauthorized(ImageQueueError):
     status_code = 401
-
-
-class ServiceUnavailable(ImageQueueError):
-    status_code = 503
 
 
 class SafeJSONResponse(JSONResponse):
@@ -91,8 +83,6 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Retry-After"] = str(exc.retry_after)
         if isinstance(exc, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"
-        if isinstance(exc, ServiceUnavailable):
-            headers["Retry-After"] = str(REDIS_RETRY_AFTER_SECONDS)
         return SafeJSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(redis.exceptions.ConnectionError)

@@ -10,15 +10,24 @@ from __future__ import annotations
 from redis import Redis
 from rq import Queue
 
+from app.core.config import Settings
+
 TICKET_FUNC = "app.services.queue.worker.redeem_ticket"
 QUEUE_PREFIX = "imagequeue."
 TICKET_RESULT_TTL_SECONDS = 300
 TICKET_FAILURE_TTL_SECONDS = 86_400
 MAX_TICKETS_PER_WAKE = 64
+TICKET_MARGIN_SECONDS = 60  # of a ticket's RQ timeout, beyond its time slice and the shutdown grace
 
 
 def rq_queue_name(model: str) -> str:
     return QUEUE_PREFIX + model
+
+
+def ticket_timeout(settings: Settings) -> int:
+    """RQ's timeout of a ticket job: the worker's time slice, its shutdown grace and a margin, so RQ
+    never kills a ticket that is only finishing its images."""
+    return int(settings.worker_ticket_seconds + settings.worker_grace_seconds + TICKET_MARGIN_SECONDS)
 
 
 class Tickets:

@@ -20,7 +20,7 @@ from app.services.image_service import ImageService
 from app.services.models import Catalog, ModelConfig
 from app.services.providers.factory import build_model_provider
 from app.services.queue.store import QueueStore
-from app.services.queue.tickets import Tickets
+from app.services.queue.tickets import Tickets, ticket_timeout
 from app.services.queue.worker.duties import Duties
 from app.services.queue.worker.execution import Execution
 from app.services.queue.worker.gate import StoreGate
@@ -33,7 +33,6 @@ T = TypeVar("T")
 CLAIM_RETRY_SECONDS = 1.0  # after a claim failed on Redis
 CAP_POLL_SECONDS = 0.05  # a concurrency cap stopped the claim: look again this soon
 REPORT_GRACE_SECONDS = 10.0  # on shutdown, how long finished images' reports may still take
-TICKET_MARGIN_SECONDS = 60  # a ticket's RQ timeout beyond its time slice and the shutdown grace
 CLAIMABLE_TIMEOUT_SECONDS = 30
 
 
@@ -76,14 +75,9 @@ class WorkerRuntime:
 
     # -- called from the main thread ----------------------------------------------------------
     def start(self, sync_redis: redis.Redis) -> None:
-        self._tickets = Tickets(sync_redis, self.ticket_timeout)
+        self._tickets = Tickets(sync_redis, ticket_timeout(self.settings))
         self._thread.start()
         self._call(self._open()).result()
-
-    @property
-    def ticket_timeout(self) -> int:
-        s = self.settings
-        return int(s.worker_ticket_seconds + s.worker_grace_seconds + TICKET_MARGIN_SECONDS)
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self.loop)
