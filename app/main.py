@@ -7,6 +7,7 @@ is when uvicorn loads it to serve, and Redis is connected when the server starts
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -30,6 +31,8 @@ from app.core.logging import configure_logging
 from app.core.metrics import ApiMetrics, install_metrics
 from app.core.security import TokenCache, sign_image, signature_expiry
 from app.routers import events, generate, health, images, metrics, models, queues
+from app.services.images import open_store
+from app.services.images.serving import ImageServer
 from app.services.models import load_catalog
 from app.services.queue.fleet import FleetService
 from app.services.queue.queue_service import QueueService
@@ -37,6 +40,7 @@ from app.services.queue.store import QueueStore
 from app.services.queue.tickets import Tickets, ticket_timeout
 
 STATIC_DIR = Path(__file__).with_name("static")
+STORE_ANNOUNCE_SECONDS = 60.0
 log = logging.getLogger("imagequeue.api")
 # The web client loads nothing from elsewhere and is never framed; it puts user text in the page only
 # as text, and this keeps a slip from becoming script.
@@ -157,13 +161,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             exp = signature_expiry(settings)
             return f"/images/{queue_id}/{index}?exp={exp}&sig={sign_image(settings, queue_id, index, attempt, exp)}"
 
+        try:
+            image_store = open_store(settings, async_client)
+        except ValueError as exc:
+            raise SystemExit(f"imagequeue: {exc}") from None
+        images = ImageServer(image_store, store.blob)
         tickets = Tickets(sync_client, ticket_timeout(settings))
-        app.state.queue_service = QueueService(store, tickets, settings, catalog, image_url)
-        app.state.fleet = FleetService(store, catalog)
-        log.info("api ready: models %s, redis %s", ", ".join(catalog.models), _redacted(settings.effective_redis_url))
+        app.state.queue_service = QueueService(store, tickets, settings, catalog, image_url, images)
+        app.state.fleet = FleetService(store, catalog, images)
+        announcer = asyncio.create_task(_announce_image_store(app.state.fleet))
+        log.info("api ready: models %s, redis %s, images in %s", ", ".join(catalog.models),
+                 _redacted(settings.effective_redis_url), image_store.location)
         try:
             yield
         finally:
+            announcer.cancel()
+            await asyncio.gather(announcer, return_exceptions=True)
+            await image_store.aclose()
             await async_client.aclose()
             sync_client.close()
 
@@ -194,6 +208,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app
+
+
+async def _announce_image_store(service: FleetService) -> None:
+    """Keeps telling workers which image store this API reads (a worker writing elsewhere says so)."""
+    while True:
+        try:
+            await service.announce_image_store()
+        except redis.RedisError as exc:
+            log.debug("could not announce the image store: %s", exc)
+        await asyncio.sleep(STORE_ANNOUNCE_SECONDS)
 
 
 def _redacted(url: str) -> str:

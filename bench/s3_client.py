@@ -35,7 +35,7 @@ async def obstore_puts(endpoint: str, data: bytes, n: int, concurrency: int) -> 
 
     async def one(i: int) -> None:
         async with slots:
-            await store.put(f"q/{i}.png", data, "image/png")
+            await store.put(f"q/{i + 1}.png", data, "image/png")
 
     await one(-1)
     t0 = time.perf_counter()
@@ -56,7 +56,7 @@ async def aiobotocore_puts(endpoint: str, data: bytes, n: int, concurrency: int)
 
         async def one(i: int) -> None:
             async with slots:
-                await client.put_object(Bucket=BUCKET, Key=f"aiobotocore/q/{i}.png", Body=data,
+                await client.put_object(Bucket=BUCKET, Key=f"aiobotocore/q/{i + 1}.png", Body=data,
                                         ContentType="image/png")
 
         await one(-1)

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from app.harness import Process, RedisServer, Stack, start_stack
+from tests.seaweedfs import SEAWEEDFS_BUCKET, SeaweedServer
 from tests.utils import DATABASES, LOG_DIR, MakeStack, service_env
 
 
@@ -22,6 +23,15 @@ def _no_leftover_processes() -> Iterator[None]:
     for process in [p for p in Process.started if id(p) not in before]:
         process.kill()
     Process.started[:] = [p for p in Process.started if p.alive]
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    """A private SeaweedFS (S3) with the bucket SEAWEEDFS_BUCKET, shared by the session (it takes seconds to start)."""
+    server = SeaweedServer(Path(tmp_path_factory.mktemp("seaweedfs"))).start()
+    server.create_bucket(SEAWEEDFS_BUCKET)
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from app.harness import Process, free_ports, start_server
 START_TIMEOUT_SECONDS = 60
 STOP_GRACE_SECONDS = 3  # weed can take over 15 s to stop on SIGTERM; its data does not matter after
 SERVICES = ("master", "volume", "filer", "s3")
+SEAWEEDFS_BUCKET = "imagequeue-test"
 ACCESS_KEY_ID = "imagequeue-test"
 SECRET_ACCESS_KEY = "imagequeue-test-secret"
 
@@ -48,6 +49,15 @@ class SeaweedServer:
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.http_ports['s3']}"
+
+    def env(self, prefix: str, *, public: bool = False) -> dict[str, str]:
+        """The settings that point a stack at this store, under `prefix` of the test bucket."""
+        env = {"IMAGE_STORE": f"s3://{SEAWEEDFS_BUCKET}/{prefix}", "S3_ENDPOINT_URL": self.endpoint,
+               "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
+               "AWS_REGION": "us-east-1"}
+        if public:
+            env["S3_PUBLIC_URL"] = self.endpoint
+        return env
 
     def start(self) -> SeaweedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)

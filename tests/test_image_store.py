@@ -8,7 +8,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -38,17 +38,9 @@ from app.services.images.file import FileStore
 from app.services.images.redis import RedisStore
 from app.services.images.s3 import S3Store
 from app.services.images.saving import save_image
-from tests.seaweedfs import ACCESS_KEY_ID, SECRET_ACCESS_KEY, SeaweedServer
+from tests.seaweedfs import ACCESS_KEY_ID, SEAWEEDFS_BUCKET, SECRET_ACCESS_KEY, SeaweedServer
 
-BUCKET = "imagequeue-test"
-
-
-@pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
-    server = SeaweedServer(Path(tmp_path_factory.mktemp("seaweedfs"))).start()
-    server.create_bucket(BUCKET)
-    yield server
-    server.stop()
+BUCKET = SEAWEEDFS_BUCKET
 
 
 def s3_store(server: SeaweedServer, prefix: str, *, public: bool = True, endpoint: str | None = None,

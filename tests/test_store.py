@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -67,9 +68,14 @@ async def test_concurrency_cap_holds_across_claims(store: QueueStore) -> None:
     first = await store.claim("w1", ["m"], 10, {"m": 3}, 10_000)
     second = await store.claim("w2", ["m"], 10, {"m": 3}, 10_000)
     assert len(first.claims) == 3 and second.claims == [] and second.capped
-    await store.complete(first.claims[0], Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, blob=b"x", content_type="image/png")
+    await store.complete(first.claims[0], Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, record=stored("x"))
     third = await store.claim("w2", ["m"], 10, {"m": 3}, 10_000)
     assert len(third.claims) == 1
+
+
+def stored(tag: str) -> dict[str, object]:
+    """An image record's object fields, as a worker sends them once the bytes are in the store."""
+    return {"k": "q/0-1.png", "n": 1, "ct": "image/png", "v": tag}
 
 
 async def test_lapsed_lease_requeues_and_late_report_is_discarded(store: QueueStore) -> None:
@@ -81,14 +87,14 @@ async def test_lapsed_lease_requeues_and_late_report_is_discarded(store: QueueSt
     (second,) = (await store.claim("w2", ["m"], 1, {}, 10_000)).claims
     assert second.index == first.index and second.attempt == first.attempt + 1
     # The first worker was not dead after all: its late result must not count.
-    assert await store.complete(first, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, blob=b"a", content_type="x") == "stale"
-    assert await store.complete(second, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, blob=b"b", content_type="x") == \
+    assert await store.complete(first, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, record=stored("a")) == "stale"
+    assert await store.complete(second, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, record=stored("b")) == \
         "completed"
-    assert await store.complete(second, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, blob=b"c", content_type="x") == \
+    assert await store.complete(second, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, record=stored("c")) == \
         "stale"
     c = counts(await store.meta("q"))
     assert c == {"total": 1, "pending": 0, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 0}
-    assert await store.blob("q", 0) == b"b"
+    assert (await store.records("q", [0]))[0]["v"] == "b"  # the current attempt's record, not the late one
 
 
 async def test_image_lost_too_often_fails_with_reason(store: QueueStore) -> None:
@@ -109,7 +115,7 @@ async def test_racing_completions_and_cancel_keep_counts_exact(store: QueueStore
 
     async def finish(i: int) -> None:
         outcome = Outcome.SUCCEEDED if i % 2 else Outcome.FAILED
-        await store.complete(claims[i], outcome, ttl=TTL, user_ttl=TTL, blob=b"x", content_type="image/png")
+        await store.complete(claims[i], outcome, ttl=TTL, user_ttl=TTL, record=stored("x"))
 
     results = await asyncio.gather(*(finish(i) for i in range(100)), store.cancel("q", "a", TTL, TTL))
     assert results[-1] == "cancelled"
@@ -122,9 +128,12 @@ async def test_finished_queue_keys_expire_with_the_ttl(store: QueueStore) -> Non
     await make(store, "q", "a", 1)
     (claim,) = (await store.claim("w", ["m"], 1, {}, 10_000)).claims
     assert 0 < await store.redis.ttl("iq:q:{q}") <= TTL
-    await store.complete(claim, Outcome.SUCCEEDED, ttl=60, user_ttl=120, blob=b"x", content_type="image/png")
-    for suffix in ("", ":spec", ":img", ":blob", ":ev"):
+    await store.complete(claim, Outcome.SUCCEEDED, ttl=60, user_ttl=120, record=stored("x"))
+    for suffix in ("", ":spec", ":img", ":ev"):
         assert 0 < await store.redis.ttl("iq:q:{q}" + suffix) <= 60, suffix
+    # Its objects in the image store are due for the sweep when its keys expire.
+    due_ms = await store.redis.zscore("iq:gc", "q")
+    assert abs(due_ms - (time.time() + 60) * 1000) < 5000
 
 
 async def test_scripts_see_the_python_definitions(store: QueueStore) -> None:

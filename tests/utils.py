@@ -6,6 +6,7 @@ Processes (Redis, API, workers) come from app.harness, shared with ./run.sh and 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
@@ -24,7 +25,10 @@ DATABASES = 512  # one per test that wants a clean slate; the server is ours, so
 
 def service_env(redis_url: str, **overrides: Any) -> dict[str, str]:
     """The environment of the suite's API and workers on `redis_url`: quick leases and heartbeats."""
-    return isolated_env(redis_url, TEST_SECRET, **{**QUICK_SETTINGS, "LOG_LEVEL": "INFO", **overrides})
+    # A directory of the stack's own for image bytes: API and workers share it, no test sees another's.
+    images = "file://" + tempfile.mkdtemp(prefix="imagequeue-images-")
+    return isolated_env(redis_url, TEST_SECRET,
+                        **{**QUICK_SETTINGS, "LOG_LEVEL": "INFO", "IMAGE_STORE": images, **overrides})
 
 
 def require_tool(found: bool, missing: str) -> None:

@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     require_auth_config: bool = False
 
     # Queue lifetime
-    queue_ttl_seconds: int = Field(default=86_400, ge=60)
+    queue_ttl_seconds: int = Field(default=86_400, ge=5)
     queue_safety_ttl_seconds: int = Field(default=7 * 86_400, ge=3600)
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
 
@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     aws_secret_access_key: str | None = None
     aws_region: str | None = None
     image_store_retry_seconds: float = Field(default=120.0, gt=0)  # upload retries before the image fails
+    image_store_sweep_seconds: float = Field(default=60.0, gt=0)  # how often expired queues' objects are removed
 
     # Limits
     max_prompt_length: int = Field(default=2000, ge=1)

@@ -57,6 +57,12 @@ class Unauthorized(ImageQueueError):
     status_code = 401
 
 
+class ServiceUnavailable(ImageQueueError):
+    """A backing service (the image store) cannot be reached; the request may be tried again."""
+
+    status_code = 503
+
+
 class SafeJSONResponse(JSONResponse):
     """JSON that renders whatever text it holds: an error may echo input that is not valid Unicode
     (a lone surrogate), which plain UTF-8 encoding refuses; then such characters go out as JSON escapes."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from app.services.queue.states import ImageStatus, Priority, QueueState, WebhookEvent
 
 MAX_SEED = 2**53
+OutputFormat = Literal["png", "webp", "jpeg"]
 
 
 def _valid_text(value: str) -> str:
@@ -77,6 +78,12 @@ class CreateQueueRequest(BaseModel):
     webhook_events: list[Text] | None = Field(
         default=None, description=f"Subset of {', '.join(WebhookEvent)} (default: all)"
     )
+    output_format: OutputFormat = Field(
+        default="png", description="png (what the model produced, lossless), webp or jpeg"
+    )
+    output_quality: int | None = Field(
+        default=None, ge=1, le=100, strict=True, description="1-100, for webp and jpeg (default 90)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> CreateQueueRequest:
@@ -115,6 +122,7 @@ class ImageResult(BaseModel):
     seed: int
     status: ImageStatus
     url: str | None = None
+    thumbnail_url: str | None = Field(default=None, description="A WebP of about 256 px on its longest side")
     error: str | None = None
     started_at: str | None = None
     finished_at: str | None = None
@@ -175,4 +183,5 @@ class Health(BaseModel):
     worker_concurrency: int = 0
     models: dict[str, Any] = Field(default_factory=dict)
     clocks: list[WorkerClock] = Field(default_factory=list)
+    image_store: dict[str, Any] | None = Field(default=None, description="kind, location, reachable")
     warnings: list[str] = Field(default_factory=list)

@@ -5,44 +5,83 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import RedirectResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
+from app.core.errors import NotFound, ServiceUnavailable
 from app.core.security import bearer_scheme, user_from_credentials
-from app.routers.deps import COMMON_RESPONSES, Service
+from app.routers.deps import COMMON_RESPONSES, AppSettings, Service
+from app.services.images import RangeNotSatisfiable, StoreUnavailable, parse_range
+from app.services.images.serving import ImageGone
 from app.services.queue.queue_service import ImageSignature
 
 router = APIRouter(tags=["images"], responses=COMMON_RESPONSES)
 
-CACHE_CONTROL = "private, max-age=3600"  # an image of a given attempt never changes
+# An object is never rewritten (a new attempt gets a new key), so a browser may keep it for as long
+# as its URL lives; private, since URLs are per user.
+CACHE_CONTROL = "private, max-age=31536000, immutable"
+REDIRECT_CACHE_CONTROL = "private, max-age=60"
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
 @router.get(
     "/images/{queue_id}/{index}",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}, 404: {"description": "No such image"}},
+    responses={
+        200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}}},
+        206: {"description": "The bytes a Range header asked for"},
+        302: {"description": "To a presigned URL on the image store (S3 with S3_PUBLIC_URL)"},
+        304: {"description": "Not modified (If-None-Match)"},
+        404: {"description": "No such image, or its bytes are gone (the detail says which)"},
+        416: {"description": "Range not satisfiable"},
+    },
 )
 async def get_image(
     queue_id: str,
     index: int,
     request: Request,
     service: Service,
+    settings: AppSettings,
     exp: Annotated[int | None, Query()] = None,
     sig: Annotated[str | None, Query(max_length=64)] = None,
+    thumb: Annotated[bool, Query(description="the ~256 px WebP thumbnail")] = False,
 ) -> Response:
-    """A succeeded image's bytes."""
+    """A succeeded image's bytes (or its thumbnail's), streamed or redirected to the image store."""
     if exp is not None and sig is not None:
         image = await service.image_for(queue_id, index, signature=ImageSignature(exp, sig))
     else:
         user = user_from_credentials(request, await bearer_scheme(request))
         image = await service.image_for(queue_id, index, user_id=user.id)
-    data = await image.read()
-    ext = EXTENSIONS.get(image.content_type, "bin")
-    return Response(
-        data,
-        media_type=image.content_type,
-        headers={
-            "Cache-Control": CACHE_CONTROL,
-            "Content-Disposition": f'inline; filename="{queue_id}-{index}.{ext}"',
-            "X-Content-Type-Options": "nosniff",
-        },
-    )
+    try:
+        url = await service.images.presigned_url(image, thumb, settings.image_url_ttl_seconds)
+        if url is not None:
+            return RedirectResponse(url, status_code=302, headers={"Cache-Control": REDIRECT_CACHE_CONTROL})
+        stream = await service.images.open(image, thumb, None)
+        if stream.etag and stream.etag in request.headers.get("if-none-match", ""):
+            await stream.aclose()
+            return Response(status_code=304, headers={"ETag": stream.etag, "Cache-Control": CACHE_CONTROL})
+        try:
+            byte_range = parse_range(request.headers.get("range"), stream.size)
+        except RangeNotSatisfiable:
+            await stream.aclose()
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{stream.size}"})
+        if byte_range is not None and byte_range != (0, stream.size):
+            await stream.aclose()
+            stream = await service.images.open(image, thumb, byte_range)
+    except ImageGone as exc:
+        raise NotFound(exc.detail) from None
+    except StoreUnavailable as exc:
+        raise ServiceUnavailable(f"image store unavailable: {exc.message}") from None
+    ext = EXTENSIONS.get(stream.content_type, "bin")
+    headers = {
+        "Cache-Control": CACHE_CONTROL,
+        "ETag": stream.etag,
+        "Accept-Ranges": "bytes",
+        "Content-Length": str(stream.stop - stream.start),
+        "Content-Disposition": f'inline; filename="{queue_id}-{index}{"-thumb" if thumb else ""}.{ext}"',
+        "X-Content-Type-Options": "nosniff",
+    }
+    if stream.partial:
+        headers["Content-Range"] = f"bytes {stream.start}-{stream.stop - 1}/{stream.size}"
+    return StreamingResponse(stream.chunks, status_code=206 if stream.partial else 200, headers=headers,
+                             media_type=stream.content_type, background=BackgroundTask(stream.aclose))

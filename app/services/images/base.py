@@ -134,6 +134,11 @@ class ImageStore(Protocol):
     async def aclose(self) -> None: ...
 
 
+async def single_chunk(data: bytes) -> AsyncIterator[bytes]:
+    """The chunks of a value that was read whole."""
+    yield data
+
+
 def check_key(key: str) -> str:
     """Refuses keys that could escape the store's root or name something unexpected."""
     if len(key) > MAX_KEY_LENGTH or not _KEY.match(key) or any(part in (".", "..") for part in key.split("/")):

@@ -11,11 +11,11 @@ import asyncio
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Literal
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-OutputFormat = Literal["png", "webp", "jpeg"]
+from app.models.queue import OutputFormat
+
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 DEFAULT_QUALITY = 90  # for webp and jpeg when the request names none
 THUMBNAIL_PX = 256  # longest side

@@ -8,7 +8,7 @@ DEL, and each hash carries an expiry as a backstop for the sweep.
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -23,6 +23,7 @@ from app.services.images.base import (
     check_prefix,
     content_type_of,
     first_line,
+    single_chunk,
 )
 
 OBJECTS_PREFIX = "iq:obj:"
@@ -82,7 +83,7 @@ class RedisStore:
         start, stop = byte_range if byte_range is not None else (0, len(data))
         stop = min(stop, len(data))
         return ObjectStream(key, len(data), content_type_of(key), _etag(data), start, stop,
-                            _once(data[start:stop]))
+                            single_chunk(data[start:stop]))
 
     async def exists(self, key: str) -> bool:
         group, name = _split(key)
@@ -130,7 +131,3 @@ class RedisStore:
 
     async def aclose(self) -> None:
         return None  # the client belongs to whoever passed it in
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data

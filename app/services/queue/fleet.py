@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import redis.exceptions
 
 from app.core.metrics import ApiMetrics
 from app.models.queue import Health, WorkerClock
+from app.services.images import StoreError
+from app.services.images.serving import ImageServer
 from app.services.models import Catalog
 from app.services.queue.states import Priority
 from app.services.queue.store import QueueStore
 
 HEALTH_REDIS_TIMEOUT_SECONDS = 2.0
 CLOCK_SKEW_WARN_MS = 2_000  # a worker host's clock this far from Redis's is flagged in /health and logged
+STORE_CHECK_SECONDS = 2.0  # /health waits this long for the image store
 
 
 def _slots(workers: list[dict[str, Any]]) -> int:
@@ -35,9 +40,10 @@ def _clock_warnings(workers: list[dict[str, Any]]) -> list[str]:
 class FleetService:
     """Read models of the workers and models: GET /models, /health, /ready and the figures behind /metrics."""
 
-    def __init__(self, store: QueueStore, catalog: Catalog) -> None:
+    def __init__(self, store: QueueStore, catalog: Catalog, images: ImageServer) -> None:
         self.store = store
         self.catalog = catalog
+        self.images = images
 
     async def models_overview(self) -> dict[str, Any]:
         """Configured models with live workers and their concurrency, pending and running images,
@@ -86,6 +92,7 @@ class FleetService:
         except (redis.exceptions.RedisError, TimeoutError):
             return Health(status="degraded", redis=False, workers=0, warnings=["Redis is unreachable"])
         warnings = [f"no live worker serves model {n!r}" for n, m in models.items() if m["workers"] == 0]
+        image_store, store_warnings = await self.image_store_health(workers)
         return Health(
             status="ok",
             redis=True,
@@ -94,8 +101,41 @@ class FleetService:
             models=models,
             clocks=[WorkerClock(name=str(w.get("name")), host=w.get("host"), clock_offset_ms=w.get("clock_offset_ms"))
                     for w in workers],
-            warnings=warnings + _clock_warnings(workers),
+            image_store=image_store,
+            warnings=warnings + _clock_warnings(workers) + store_warnings,
         )
+
+    async def image_store_health(self, workers: Sequence[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+        """The image store as this API sees it, and warnings: unreachable, or workers writing to a
+        store this API cannot read (each such worker's images fail, saying so)."""
+        store = self.images.store
+        info: dict[str, Any] = {"kind": store.kind, "location": store.location, "reachable": True}
+        warnings = []
+        try:
+            async with asyncio.timeout(STORE_CHECK_SECONDS):
+                await store.check()
+        except (StoreError, TimeoutError) as exc:
+            info["reachable"] = False
+            warnings.append(f"image store unreachable: {exc.message if isinstance(exc, StoreError) else 'timed out'}")
+        mine = await self.images.identify()
+        for worker in workers:
+            theirs = worker.get("image_store") or {}
+            if theirs.get("id") and mine and theirs["id"] != mine:
+                warnings.append(
+                    f"worker {worker.get('name')} on {worker.get('host')} writes images to {theirs.get('location')} "
+                    f"(store id {str(theirs['id'])[:8]}), which this API cannot read ({store.location}, store id "
+                    f"{mine[:8]}): its images fail; give the API and every worker the same IMAGE_STORE on shared "
+                    "storage"
+                )
+        with contextlib.suppress(redis.exceptions.RedisError):
+            await self.announce_image_store()
+        return info, warnings
+
+    async def announce_image_store(self) -> None:
+        """Tells workers which image store this API reads, so one writing elsewhere says so."""
+        store_id = await self.images.identify()
+        if store_id is not None:
+            await self.store.note_store_reader(store_id)
 
     async def ready(self) -> bool:
         """Whether Redis answers within HEALTH_REDIS_TIMEOUT_SECONDS."""

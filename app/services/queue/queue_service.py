@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from app.core.config import Settings
 from app.core.errors import Conflict, NotFound, TooManyRequests, Unprocessable
 from app.core.security import check_image_signature, image_signature_current
 from app.models.queue import CreateQueueRequest, GenerateRequest, QueueStatus
+from app.services.images import StoreError, queue_prefix
+from app.services.images.serving import ImageObject, ImageServer
 from app.services.models import Catalog
 from app.services.queue.states import (
     TERMINAL,
@@ -31,10 +34,12 @@ from app.services.queue.states import (
     QueueState,
     RetryOutcome,
 )
-from app.services.queue.status_view import ImageUrl, StatusView, page, queue_status
+from app.services.queue.status_view import ImageUrl, StatusView, page, queue_status, thumbnail_url
 from app.services.queue.store import QueueStore, user_key
 from app.services.queue.tickets import Tickets
 from app.services.queue.validation import check_create
+
+log = logging.getLogger("imagequeue.api")
 
 _QUEUE_ID = re.compile(r"^[0-9a-f]{32}$")
 ADMISSION_RETRY_AFTER_SECONDS = 30  # Retry-After of a create refused by the per-user limits
@@ -78,34 +83,24 @@ class ImageSignature:
     signature: str
 
 
-@dataclass(frozen=True, slots=True)
-class StoredImage:
-    """A succeeded image the caller may read: what it is, and how to fetch its bytes."""
-
-    queue_id: str
-    index: int
-    attempt: int
-    content_type: str
-    fetch: Callable[[], Awaitable[bytes | None]]
-
-    async def read(self) -> bytes:
-        data = await self.fetch()
-        if data is None:  # deleted or expired since it was looked up
-            raise NotFound(IMAGE_NOT_FOUND)
-        return data
-
-
 class QueueService:
     """Turns requests into queues in the store and queues into QueueStatus answers."""
 
     def __init__(
-        self, store: QueueStore, tickets: Tickets, settings: Settings, catalog: Catalog, image_url: ImageUrl
+        self,
+        store: QueueStore,
+        tickets: Tickets,
+        settings: Settings,
+        catalog: Catalog,
+        image_url: ImageUrl,
+        images: ImageServer,
     ) -> None:
         self.store = store
         self.tickets = tickets
         self.settings = settings
         self.catalog = catalog
         self.image_url = image_url
+        self.images = images
         self.view = StatusView(store, image_url)
 
     # -- create -----------------------------------------------------------------------------
@@ -124,6 +119,8 @@ class QueueService:
             "negative_prompt": req.negative_prompt,
             "params": req.params,
         }
+        if req.output_format != "png":
+            spec.update(output_format=req.output_format, output_quality=req.output_quality)
         fields: dict[str, str | int] = {
             "user": user_id,
             "model": checked.model,
@@ -252,6 +249,7 @@ class QueueService:
             attempt = int(data.get("attempt", 0))
             if attempt:
                 data["url"] = self.image_url(data["queue_id"], int(data["index"]), attempt)
+                data["thumbnail_url"] = thumbnail_url(data["url"])
         return data
 
     async def status(
@@ -366,10 +364,17 @@ class QueueService:
             raise NotFound(QUEUE_NOT_FOUND)
         if outcome == DeleteOutcome.CONFLICT:
             raise Conflict("queue is still running; cancel it first, then delete it once nothing of it runs")
+        await self.store.gc_now(queue_id)
+        try:
+            await self.images.store.delete_prefix(queue_prefix(queue_id))
+        except StoreError as exc:  # the sweep removes them once the store is back
+            log.warning("could not remove the objects of deleted queue %s yet: %s", queue_id, exc.message)
+            return
+        await self.store.gc_done([queue_id])
 
     async def image_for(
         self, queue_id: str, index: int, *, user_id: str | None = None, signature: ImageSignature | None = None
-    ) -> StoredImage:
+    ) -> ImageObject:
         """A succeeded image for its owner, or for the holder of a valid signed URL; NotFound otherwise.
 
         The caller is authorised before anything of the image is read: the owner check comes first,
@@ -388,7 +393,7 @@ class QueueService:
             raise NotFound(IMAGE_NOT_FOUND)
         return found
 
-    async def _signed_image(self, queue_id: str, index: int, signature: ImageSignature) -> StoredImage:
+    async def _signed_image(self, queue_id: str, index: int, signature: ImageSignature) -> ImageObject:
         if not valid_queue_id(queue_id) or not image_signature_current(signature.expires, signature.signature):
             raise NotFound(LINK_NOT_FOUND)
         found = await self._succeeded(queue_id, index)
@@ -398,15 +403,11 @@ class QueueService:
             raise NotFound(LINK_NOT_FOUND)
         return found
 
-    async def _succeeded(self, queue_id: str, index: int) -> StoredImage | None:
+    async def _succeeded(self, queue_id: str, index: int) -> ImageObject | None:
         rec = (await self.store.records(queue_id, [index])).get(index)
         if rec is None or rec.get("s") != ImageStatus.SUCCEEDED:
             return None
-
-        async def fetch() -> bytes | None:
-            return await self.store.blob(queue_id, index)
-
-        return StoredImage(queue_id, index, int(rec.get("a", 0)), rec.get("ct") or "image/png", fetch)
+        return ImageObject(queue_id, index, int(rec.get("a", 0)), rec)
 
     @property
     def _user_ttl(self) -> int:

@@ -16,6 +16,12 @@ SERVED_CACHE_SECONDS = 2.0
 RUNNING_IMAGE_WEIGHT = 0.5  # a running image counts as half done in an ETA
 
 ImageUrl = Callable[[str, int, int], str]
+
+
+def thumbnail_url(image_url: str) -> str:
+    """An image URL's thumbnail: the same URL (and signature) asking for the small WebP."""
+    path, _, query = image_url.partition("?")
+    return f"{path}?thumb=1" + (f"&{query}" if query else "")
 """(queue id, index, attempt) -> the image's signed URL."""
 
 
@@ -126,13 +132,15 @@ class StatusView:
             else:
                 state = ImageStatus.CANCELLED if (cut and i >= cursor) else ImageStatus.PENDING
             attempts = int(rec.get("a", 0)) if rec else 0
+            url = self.image_url(status.queue_id, i, attempts) if state == ImageStatus.SUCCEEDED else None
             images.append(
                 ImageResult(
                     index=i,
                     prompt=prompts[i // count],
                     seed=int(spec["seed"]) + i,
                     status=state,
-                    url=self.image_url(status.queue_id, i, attempts) if state == ImageStatus.SUCCEEDED else None,
+                    url=url,
+                    thumbnail_url=thumbnail_url(url) if url else None,
                     error=rec.get("e") if rec else None,
                     started_at=iso(rec.get("t0")) if rec else None,
                     finished_at=iso(rec.get("t1")) if rec else None,

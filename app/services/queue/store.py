@@ -26,6 +26,9 @@ Key layout (every key imagequeue writes; {qid} in braces is the queue's id, {uk}
   iq:tp:{model}:{bucket}     int     completions in a THROUGHPUT_BUCKET_MS bucket
   iq:stats                   hash    terminal status -> images ever finished so (for metrics)
   iq:wh:due                  zset    queue id -> when its webhook deliveries are next due (ms)
+  iq:gc                      zset    queue id -> when its objects in the image store may be removed (ms)
+  iq:store:readers           zset    image store id -> when an API instance last said it reads it (ms)
+  iq:obj:{qid}               hash    object name -> bytes, for IMAGE_STORE=redis only
   iq:health:{model}          hash    the provider's last success and last error, as workers saw them
   iq:workers                 zset    worker name -> heartbeat expiry (ms); iq:w:{name} its JSON info
   iq:idem:{uk}:{sha256}      string  an Idempotency-Key's queue id and request fingerprint
@@ -77,6 +80,9 @@ THROUGHPUT_BUCKET_TTL_SECONDS = 120  # outlives the window of THROUGHPUT_WINDOW_
 REAP_BATCH = 200
 PROVIDER_HEALTH_TTL_SECONDS = 3600
 PROVIDER_ERROR_CHARS = 500
+GC_KEY = PREFIX + "gc"  # zset queue id -> when its objects in the image store may be due for removal (ms)
+STORE_READERS_KEY = PREFIX + "store:readers"  # zset image store id -> when an API last said it reads it (ms)
+STORE_READERS_KEEP_MS = 86_400_000
 
 
 def user_key(user_id: str) -> str:
@@ -114,6 +120,7 @@ def _lua_constants() -> dict[str, Any]:
         "STATS_KEY": STATS_KEY,
         "SEQ_KEY": SEQ_KEY,
         "WEBHOOKS_DUE_KEY": WEBHOOKS_DUE_KEY,
+        "GC_KEY": GC_KEY,
         "CANCEL_CHANNEL": CANCEL_CHANNEL,
         "USER_EVENTS_MAXLEN": USER_EVENTS_MAXLEN,
         "THROUGHPUT_BUCKET_MS": THROUGHPUT_BUCKET_MS,
@@ -178,8 +185,7 @@ class Report:
     claim: Claim
     outcome: Outcome
     error: str = ""
-    blob: bytes = b""
-    content_type: str = ""
+    record: Mapping[str, Any] | None = None  # a succeeded image: where its bytes are (the image store)
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,8 +362,7 @@ class QueueStore:
         ttl: int,
         user_ttl: int,
         error: str = "",
-        blob: bytes = b"",
-        content_type: str = "",
+        record: Mapping[str, Any] | None = None,
     ) -> Settled:
         return _settled(
             await self._run(
@@ -369,8 +374,7 @@ class QueueStore:
                 error,
                 ttl,
                 user_ttl,
-                blob,
-                content_type,
+                _record_arg(record),
             )
         )
 
@@ -382,7 +386,7 @@ class QueueStore:
                 await script(
                     keys=[],
                     args=[r.claim.queue_id, r.claim.index, r.claim.attempt, r.outcome.value, r.error,
-                          ttl, user_ttl, r.blob, r.content_type],
+                          ttl, user_ttl, _record_arg(r.record)],
                     client=pipe,
                 )
             results = await pipe.execute()
@@ -473,6 +477,45 @@ class QueueStore:
     async def backoff_ms(self, model: str) -> int:
         return max(0, int(await self.redis.pttl(f"{PREFIX}backoff:{model}")))
 
+    # -- image store: sweeping and who reads it ---------------------------------------------
+    async def gc_due(self, limit: int, lease_ms: int) -> list[str]:
+        """Queues whose objects are due for removal: gone from Redis (expired or deleted), their time
+        on the sweep list passed. Each is leased for `lease_ms` (a sweep that dies leaves it to the
+        next); queues still alive (a retry extended them) are put back at their own expiry."""
+        now = await self.server_time_ms()
+        due = [_s(q) for q in await self.redis.zrangebyscore(GC_KEY, "-inf", now, start=0, num=limit)]
+        if not due:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for qid in due:
+                pipe.pttl(queue_key(qid))
+            ttls = await pipe.execute()
+        gone = [q for q, t in zip(due, ttls, strict=True) if int(t) == -2]
+        later = {q: now + (int(t) if int(t) > 0 else lease_ms) for q, t in zip(due, ttls, strict=True) if int(t) != -2}
+        later.update({q: now + lease_ms for q in gone})
+        await self.redis.zadd(GC_KEY, later, xx=True)
+        return gone
+
+    async def gc_done(self, queue_ids: Sequence[str]) -> None:
+        if queue_ids:
+            await self.redis.zrem(GC_KEY, *queue_ids)
+
+    async def gc_now(self, queue_id: str) -> None:
+        """A deleted queue's objects are due at once (the API removes them; the sweep if that failed)."""
+        await self.redis.zadd(GC_KEY, {queue_id: 0})
+
+    async def note_store_reader(self, store_id: str) -> None:
+        now = await self.server_time_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(STORE_READERS_KEY, {store_id: now})
+            pipe.zremrangebyscore(STORE_READERS_KEY, "-inf", now - STORE_READERS_KEEP_MS)
+            await pipe.execute()
+
+    async def store_readers(self, fresh_ms: int) -> set[str]:
+        """Ids of the image stores API instances announced within `fresh_ms`."""
+        since = await self.server_time_ms() - fresh_ms
+        return {_s(v) for v in await self.redis.zrangebyscore(STORE_READERS_KEY, since, "+inf")}
+
     # -- workers ----------------------------------------------------------------------------
     async def register_worker(self, name: str, info: Mapping[str, Any], ttl_ms: int) -> int:
         """Marks a worker alive for `ttl_ms` of the server's clock; returns the server's time (ms)."""
@@ -562,6 +605,10 @@ def _settled(value: Any) -> Settled:
 
 
 _DISCARDED = frozenset(Discarded)
+
+
+def _record_arg(record: Mapping[str, Any] | None) -> str:
+    return json.dumps(dict(record), separators=(",", ":")) if record else ""
 
 
 def _s(value: Any) -> str:

@@ -48,6 +48,8 @@ def check_create(req: CreateQueueRequest, settings: Settings, catalog: Catalog) 
     for i, tag in enumerate(req.tags):
         if not tag.strip() or len(tag) > MAX_TAG_LENGTH:
             raise Unprocessable(f"tags must be 1-{MAX_TAG_LENGTH} characters", ("body", "tags", i))
+    if req.output_format == "png" and req.output_quality is not None:
+        raise Unprocessable("output_quality applies to webp and jpeg; png is lossless", ("body", "output_quality"))
     prompts = expand(req, settings)
     total = len(prompts) * req.count
     if total > s.max_images_per_queue:

@@ -82,6 +82,8 @@ end
 local function set_ttl(qid, ttl)
   local q = qkey(qid)
   for _, s in ipairs(QUEUE_KEY_SUFFIXES) do redis.call('EXPIRE', q .. s, ttl) end
+  -- The queue's objects in the image store are swept once its keys have expired.
+  redis.call('ZADD', GC_KEY, server_now() + ttl * 1000, qid)
 end
 
 local function set_user_ttl(uk, ttl)

@@ -2,7 +2,8 @@
 -- worker keeps it (renew). Leases are granted by claim.lua.
 
 -- A running image ends (outcome succeeded | failed | cancelled) or goes back to pending (requeue).
-local function settle(qid, idx, rec, outcome, err, now, ttl, user_ttl, blob, ctype)
+-- `obj`: for a succeeded image, the JSON of where its bytes are (image store key, size, type, ...).
+local function settle(qid, idx, rec, outcome, err, now, ttl, user_ttl, obj)
   local q = qkey(qid)
   local m = meta(q)
   redis.call('ZREM', LEASES_KEY, qid .. '|' .. idx)
@@ -27,9 +28,9 @@ local function settle(qid, idx, rec, outcome, err, now, ttl, user_ttl, blob, cty
   rec.s = outcome
   rec.t1 = now
   if outcome == Outcome.SUCCEEDED then
-    redis.call('HSET', q .. ':blob', idx, blob)
-    touch(q, q .. ':blob')
-    rec.ct = ctype
+    if obj ~= '' then
+      for k, v in pairs(cjson.decode(obj)) do rec[k] = v end
+    end
     rec.e = nil
   elseif outcome == Outcome.FAILED then
     rec.e = err
@@ -46,14 +47,13 @@ local function settle(qid, idx, rec, outcome, err, now, ttl, user_ttl, blob, cty
 end
 
 -- @script complete
--- ARGV: qid, idx, attempt, outcome, error, ttl, user_ttl, blob, content_type
+-- ARGV: qid, idx, attempt, outcome, error, ttl, user_ttl, object record JSON ('' for none)
 local qid, idx, attempt = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local q = qkey(qid)
 if redis.call('EXISTS', q) == 0 then return Discarded.GONE end
 local rec = get_rec(q, idx)
 if (not rec) or rec.s ~= ImageStatus.RUNNING or tonumber(rec.a) ~= attempt then return Discarded.STALE end
-return settle(qid, idx, rec, ARGV[4], ARGV[5], server_now(), tonumber(ARGV[6]), tonumber(ARGV[7]),
-  ARGV[8], ARGV[9])
+return settle(qid, idx, rec, ARGV[4], ARGV[5], server_now(), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8])
 
 -- @script reap
 -- ARGV: limit, max_lost, ttl, user_ttl. Re-queues (or fails) images whose lease lapsed.
@@ -73,9 +73,9 @@ for _, member in ipairs(expired) do
     local worker = rec.w or '?'
     if rec.l >= max_lost then
       settle(qid, idx, rec, Outcome.FAILED, 'worker ' .. worker .. ' was lost while generating this image (' ..
-        rec.l .. ' times)', now, ttl, user_ttl, '', '')
+        rec.l .. ' times)', now, ttl, user_ttl, '')
     else
-      settle(qid, idx, rec, Outcome.REQUEUE, '', now, ttl, user_ttl, '', '')
+      settle(qid, idx, rec, Outcome.REQUEUE, '', now, ttl, user_ttl, '')
       models[#models + 1] = redis.call('HGET', q, 'model')
     end
   end

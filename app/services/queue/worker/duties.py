@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -45,6 +45,7 @@ class Duties:
         tickets: Tickets,
         slots: Slots,
         busy: Callable[[], bool],
+        store_info: Callable[[], Mapping[str, Any]],
     ) -> None:
         self.settings = settings
         self.name = name
@@ -56,6 +57,7 @@ class Duties:
         self.slots = slots
         self.busy = busy  # draining or stopping: no top-up needed
         self.clock_offset_ms: int | None = None  # this host's clock minus Redis's, as last measured
+        self.store_info = store_info  # the image store this worker writes to (GET /health compares)
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         s = self.settings
@@ -92,7 +94,7 @@ class Duties:
                 self._note_clock(*await self._timed(self.store.register_worker(
                     self.name,
                     {**info, "in_flight": len(members), "images_done": self.slots.images_done,
-                     "clock_offset_ms": self.clock_offset_ms},
+                     "clock_offset_ms": self.clock_offset_ms, "image_store": dict(self.store_info())},
                     int(s.worker_lease_seconds * 1000),
                 )))
             except redis.RedisError as exc:

@@ -15,10 +15,12 @@ import redis
 from app.core.config import Settings
 from app.core.metrics import WorkerMetrics
 from app.services.image_service import ImageService
+from app.services.images import ImageUnreadable, StoreUnreachable
 from app.services.models import Catalog
 from app.services.providers.base import ImageRequest, ProviderError, ProviderRejected
 from app.services.queue.states import Discarded, Outcome
 from app.services.queue.store import Claim, QueueStore
+from app.services.queue.worker.objects import ImageKeeper
 from app.services.queue.worker.reporter import Reporter
 from app.services.queue.worker.slots import Running, Slots
 
@@ -41,6 +43,7 @@ class Execution:
         services: Mapping[str, ImageService],
         slots: Slots,
         reporter: Reporter,
+        keeper: ImageKeeper,
         metrics: WorkerMetrics,
         worker_name: str,
     ) -> None:
@@ -50,6 +53,7 @@ class Execution:
         self.services = services
         self.slots = slots
         self.reporter = reporter
+        self.keeper = keeper
         self.metrics = metrics
         self.worker_name = worker_name
         self._specs: dict[str, dict[str, Any]] = {}
@@ -90,7 +94,9 @@ class Execution:
 
     async def _run(self, run: Running) -> None:
         claim = run.claim
-        outcome, error, blob, ctype = Outcome.FAILED, "", b"", ""
+        outcome, error, blob = Outcome.FAILED, "", b""
+        spec: dict[str, Any] = {}
+        reserved = False
         extra: dict[str, Any] = {
             "queue_id": claim.queue_id,
             "image": claim.index,
@@ -114,6 +120,9 @@ class Execution:
             service = self.services.get(run.model)
             if service is None:
                 raise ProviderError(f"this worker does not serve model {run.model!r}")
+            refusal = self.keeper.refusal()
+            if refusal is not None:
+                raise ProviderError(refusal)  # not generated at all: nobody could be shown the image
             request = self._request(claim, run.model, spec)
             if self.settings.log_prompts:
                 extra["prompt"] = request.prompt
@@ -124,7 +133,11 @@ class Execution:
                     await self._note_provider(run.model, False, exc.message)
                 raise
             await self._note_provider(run.model, True)
-            outcome, blob, ctype = Outcome.SUCCEEDED, image.data, image.content_type
+            outcome, blob = Outcome.SUCCEEDED, image.data
+            # Room to keep it while it uploads; a store that is down makes this wait, which stops
+            # the slot from freeing (a cancel meanwhile discards the image).
+            await self.keeper.reserve()
+            reserved = True
         except asyncio.CancelledError:
             run.stopped = True  # from here on no further cancel may cut the report short
             outcome = Outcome.REQUEUE if run.reason == "shutdown" else Outcome.CANCELLED
@@ -148,8 +161,20 @@ class Execution:
         # The provider's part is over: free the slot now, so the next image starts while this
         # one's report travels (a report waits for its batch's round trip, several ms under load).
         self.slots.release(run)
+        record = None
         try:
-            result = await self.reporter.report(claim, outcome, error, blob, ctype)
+            if reserved:
+                try:
+                    record = await self.keeper.save(claim, spec, blob)
+                except (StoreUnreachable, ImageUnreadable) as exc:
+                    # Never generated again for this: the image fails with the store's words.
+                    outcome, error = Outcome.FAILED, str(exc)
+                finally:
+                    blob = b""
+                    self.keeper.unreserve()
+            result = await self.reporter.report(claim, outcome, error, record)
+            if record is not None and result in (Discarded.STALE, Discarded.GONE):
+                await self.keeper.discard(record)  # a stale attempt's objects are nobody's
         finally:
             self.slots.settle(run)
         self.slots.images_done += 1

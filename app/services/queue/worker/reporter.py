@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import redis
 
@@ -30,9 +32,10 @@ class Reporter:
         self.worker_name = worker_name
         self._reports: asyncio.Queue[tuple[Report, asyncio.Future[str]]] = asyncio.Queue()
 
-    async def report(self, claim: Claim, outcome: Outcome, error: str, blob: bytes, ctype: str) -> str:
-        """Settle one image; returns the store's answer ("lost" when Redis stayed away throughout)."""
-        report = Report(claim, outcome, error[:ERROR_MAX_CHARS], blob, ctype)
+    async def report(self, claim: Claim, outcome: Outcome, error: str, record: Mapping[str, Any] | None) -> str:
+        """Settle one image (`record`: where a succeeded image's bytes are); returns the store's
+        answer ("lost" when Redis stayed away throughout)."""
+        report = Report(claim, outcome, error[:ERROR_MAX_CHARS], record)
         loop = asyncio.get_running_loop()
         for attempt in range(REPORT_ATTEMPTS):
             done: asyncio.Future[str] = loop.create_future()

@@ -17,6 +17,7 @@ import redis.asyncio
 from app.core.config import Settings
 from app.core.metrics import WorkerMetrics
 from app.services.image_service import ImageService
+from app.services.images import ImageStore, open_store
 from app.services.models import Catalog, ModelConfig
 from app.services.providers.factory import build_model_provider
 from app.services.queue.store import QueueStore
@@ -24,6 +25,7 @@ from app.services.queue.tickets import Tickets, ticket_timeout
 from app.services.queue.worker.duties import Duties
 from app.services.queue.worker.execution import Execution
 from app.services.queue.worker.gate import StoreGate
+from app.services.queue.worker.objects import ImageKeeper
 from app.services.queue.worker.reporter import Reporter
 from app.services.queue.worker.slots import Slots
 
@@ -72,6 +74,8 @@ class WorkerRuntime:
         self._redis: redis.asyncio.Redis
         self._http: httpx.AsyncClient
         self._tickets: Tickets
+        self.images: ImageStore
+        self.keeper: ImageKeeper
 
     # -- called from the main thread ----------------------------------------------------------
     def start(self, sync_redis: redis.Redis) -> None:
@@ -147,6 +151,10 @@ class WorkerRuntime:
         self._http = httpx.AsyncClient(limits=limits, timeout=s.provider_timeout_seconds)
         for name in self.models:
             self.services[name] = self._service(self.catalog.models[name])
+        self.images = open_store(s, self._redis)
+        self.keeper = ImageKeeper(self.images, self.store, s, worker=self.name, concurrency=self.concurrency)
+        await self.keeper.open()
+        log.info("images go to %s", self.images.location, extra={"worker": self.name})
         reporter = Reporter(self.store, s, self.name)
         self._execution = Execution(
             settings=s,
@@ -155,6 +163,7 @@ class WorkerRuntime:
             services=self.services,
             slots=self.slots,
             reporter=reporter,
+            keeper=self.keeper,
             metrics=self.metrics,
             worker_name=self.name,
         )
@@ -168,8 +177,9 @@ class WorkerRuntime:
             tickets=self._tickets,
             slots=self.slots,
             busy=lambda: self._draining or self._stopping,
+            store_info=lambda: self.keeper.info,
         )
-        for coro in [*duties.loops(), reporter.run()]:
+        for coro in [*duties.loops(), reporter.run(), self.keeper.watch(), self.keeper.sweep()]:
             self._background.append(asyncio.create_task(coro))
 
     def _service(self, model: ModelConfig) -> ImageService:
@@ -202,6 +212,7 @@ class WorkerRuntime:
         except redis.RedisError:
             pass
         await self._http.aclose()
+        await self.images.aclose()
         await self._redis.aclose()
 
     async def _drain(self, deadline: float) -> dict[str, int]:
