@@ -13,6 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
@@ -64,6 +65,16 @@ class ClientFiles(StaticFiles):
         if path.endswith(".js") and response.status_code == 200:
             response.headers["Content-Type"] = "text/javascript; charset=utf-8"
         return response
+
+
+def page_headers(settings: Settings) -> dict[str, str]:
+    """The web client's headers; images may also come from the image store's public endpoint."""
+    if not settings.s3_public_url:
+        return PAGE_HEADERS
+    parts = urlsplit(settings.s3_public_url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    csp = PAGE_HEADERS["Content-Security-Policy"].replace("img-src 'self'", f"img-src 'self' {origin}")
+    return {**PAGE_HEADERS, "Content-Security-Policy": csp}
 
 
 def redis_clients(settings: Settings) -> tuple[redis.asyncio.Redis, redis.Redis]:
@@ -204,7 +215,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         @app.get("/", include_in_schema=False)
         async def index() -> FileResponse:
-            return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+            return FileResponse(STATIC_DIR / "index.html", headers=page_headers(settings))
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -13,13 +13,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import sys
 import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
 
 import httpx
 
 from app.harness import start_server
 from bench.common import LOG_DIR, auth, free_port, new_user, private_redis, report, stack, wait_done
+from tests.seaweedfs import SEAWEEDFS_BUCKET, SeaweedServer
 
 
 def provider_alone(url: str, images: int, concurrency: int, size: int) -> float:
@@ -64,20 +68,33 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--photo", action="store_true", help="photo-like images (large PNGs)")
+    parser.add_argument("--store", choices=("file", "s3", "redis"), default="file")
     args = parser.parse_args()
+    with contextlib.ExitStack() as resources:
+        tmp = Path(resources.enter_context(TemporaryDirectory()))
+        store_env: dict[str, str] = {"IMAGE_STORE": "redis" if args.store == "redis" else f"file://{tmp}/images"}
+        if args.store == "s3":
+            seaweed = SeaweedServer(tmp / "seaweedfs").start()
+            resources.callback(seaweed.stop)
+            seaweed.create_bucket(SEAWEEDFS_BUCKET)
+            store_env = seaweed.env("bench")
+        run(args, store_env)
+
+
+def run(args: argparse.Namespace, store_env: dict[str, str]) -> None:
     n, lat = args.concurrency, args.latency_ms
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
     server = start_server([sys.executable, "-m", "bench.openai_server", "--port", str(port), "--latency-ms", str(lat),
-                           *(["--photo"] if args.photo else [])], name="openai-server", ready=lambda: _answers(url),
+                           *(["--photo"] if args.photo else [])], name="openai-server", ready=lambda: answers(url),
                           log_dir=LOG_DIR)
     try:
         kind = "photo-like" if args.photo else "flat"
         print(f"# http throughput: openai protocol over loopback, {args.size}x{args.size} {kind} PNGs, "
-              f"L={lat:g} ms, N={n}, {args.images} images", flush=True)
+              f"L={lat:g} ms, N={n}, {args.images} images, {args.store} image store", flush=True)
         with private_redis() as redis_server, stack(
             redis_server.url, workers=1, concurrency=n, IMAGE_PROVIDER="openai", IMAGE_PROVIDER_URL=url,
-            IMAGE_MODEL="bench", MAX_IMAGES_PER_QUEUE=100_000,
+            IMAGE_MODEL="bench", MAX_IMAGES_PER_QUEUE=100_000, **store_env,
         ) as (base, _):
             through_service(base, min(4 * n, args.images), args.size)  # warm-up
             service = through_service(base, args.images, args.size)
@@ -89,7 +106,7 @@ def main() -> None:
         server.stop(10)
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
     try:
         return httpx.post(url + "/images/generations", json={"size": "8x8"}, timeout=5).status_code == 200
     except httpx.HTTPError:

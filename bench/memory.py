@@ -1,18 +1,33 @@
 """Benchmark 4: Redis memory per pending image (INFO memory delta), against plain RQ's per-job cost;
-and, for sizing, per finished image (its record and events, apart from the image bytes themselves).
+and per finished 1024x1024 photo-like image (its record and events: the bytes are in the image store).
 
-python -m bench.memory [--images 10000] [--finished 2000]
+python -m bench.memory [--images 10000] [--finished 100]
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 
 import httpx
 import redis
 from rq import Queue
 
-from bench.common import auth, new_user, private_redis, report, service_env, stack, start_api, wait_done
+from bench.common import (
+    ROOT,
+    auth,
+    free_port_proc,
+    new_user,
+    private_redis,
+    report,
+    service_env,
+    stack,
+    start_api,
+    wait_done,
+    wait_until,
+)
+from bench.http_throughput import answers
 
 
 def used(client: redis.Redis) -> int:
@@ -22,7 +37,7 @@ def used(client: redis.Redis) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=10_000)
-    parser.add_argument("--finished", type=int, default=2_000)
+    parser.add_argument("--finished", type=int, default=100)
     args = parser.parse_args()
     n = args.images
     with private_redis() as server:
@@ -54,25 +69,42 @@ def main() -> None:
 
 
 def finished_per_image(url: str, client: redis.Redis, n: int) -> None:
-    """Bytes a finished image keeps in Redis for the queue TTL beyond its PNG: its record, its events
-    (queue stream and user stream) and its share of the queue's hashes, by MEMORY USAGE of those keys
-    (INFO's used_memory also moves with transient client buffers at this scale)."""
-    n = max(100, n // 100 * 100)
-    with stack(url, workers=1, concurrency=32, PROCEDURAL_LATENCY_MS=0) as (base, _):
+    """Bytes a finished 1024x1024 photo-like image (about 2.6 MB as PNG, from an OpenAI-protocol
+    server) keeps in Redis for the queue TTL: its record, its events (queue stream and user stream)
+    and its share of the queue's hashes, by MEMORY USAGE of those keys (INFO's used_memory also moves
+    with transient client buffers). Against the same with IMAGE_STORE=redis, as before the store."""
+    n = max(10, n // 10 * 10)
+    port = free_port_proc()
+    server = subprocess.Popen([sys.executable, "-m", "bench.openai_server", "--port", str(port), "--photo"], cwd=ROOT)
+    provider = {"IMAGE_PROVIDER": "openai", "IMAGE_PROVIDER_URL": f"http://127.0.0.1:{port}/v1", "IMAGE_MODEL": "bench"}
+    try:
+        wait_until(lambda: answers(provider["IMAGE_PROVIDER_URL"]), 20, what="OpenAI-protocol server")
+        stored = per_image(url, client, n, provider)
+        in_redis = per_image(url, client, max(10, n // 10), {**provider, "IMAGE_STORE": "redis"})
+    finally:
+        server.terminate()
+        server.wait(10)
+    report(f"Redis bytes per finished 1024x1024 photo-like image ({n} images)", stored, "B", "<= 4096 B",
+           in_redis, "IMAGE_STORE=redis")
+
+
+def per_image(url: str, client: redis.Redis, n: int, env: dict[str, str]) -> float:
+    with stack(url, workers=1, concurrency=8, **env) as (base, _):
         headers = auth(new_user())
-        with httpx.Client(base_url=base, timeout=60) as http:
+        with httpx.Client(base_url=base, timeout=120) as http:
             r = http.post("/create-queue", headers=headers, json={
-                "prompts": [f"a watercolour fox in the snow, soft light, take {i}" for i in range(n // 100)],
-                "count": 100, "width": 64, "height": 64})
+                "prompts": [f"a watercolour fox in the snow, soft light, take {i}" for i in range(n // 10)],
+                "count": 10, "width": 1024, "height": 1024})
             assert r.status_code == 201, r.text
             qid = r.json()["queue_id"]
-            wait_done(http, headers, qid, interval=0.2)
-    keys = [k for pattern in (f"iq:q:{{{qid}}}*", "iq:u:*") for k in client.scan_iter(match=pattern, count=1000)]
+            done = wait_done(http, headers, qid, interval=0.2)
+            assert done["succeeded"] == n, done
+    keys = [k for pattern in (f"iq:q:{{{qid}}}*", f"iq:obj:{{{qid}}}", "iq:u:*")
+            for k in client.scan_iter(match=pattern, count=1000)]
     total = sum(int(client.memory_usage(k, samples=0) or 0) for k in keys)
-    blob_key = f"iq:q:{{{qid}}}:blob"
-    blobs = sum(int(client.hstrlen(blob_key, str(i))) for i in range(n))  # type: ignore[arg-type]
-    report(f"Redis bytes per finished image beyond its PNG ({n:,} images)", (total - blobs) / n, "B")
-    report("average PNG size (64x64 procedural)", blobs / n, "B")
+    for key in keys:  # the next measurement counts only its own queue's keys
+        client.delete(key)
+    return total / n
 
 
 if __name__ == "__main__":

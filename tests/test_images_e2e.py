@@ -180,6 +180,8 @@ def test_s3_store_streams_or_redirects_to_a_presigned_url(redis_server: RedisSer
         assert direct.status_code == 200 and Image.open(io.BytesIO(direct.content)).format == "PNG"
         thumb = client.get(done["images"][0]["thumbnail_url"], follow_redirects=True)
         assert thumb.status_code == 200 and Image.open(io.BytesIO(thumb.content)).format == "WEBP"
+        # The web client may show images from there.
+        assert seaweedfs.endpoint in client.get("/").headers["content-security-policy"]
 
 
 def test_a_worker_writing_where_the_api_cannot_read_says_so(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -196,3 +198,38 @@ def test_a_worker_writing_where_the_api_cannot_read_says_so(redis_server: RedisS
             return done["failed"] == 1 and "image store mismatch" in (done["images"][0]["error"] or "")
 
         assert wait_until(fails_with_mismatch, 40, interval=0.5, what="images to fail with the mismatch")
+
+
+def test_an_object_store_outage_mid_batch_fails_only_past_the_bound_and_counts_stay_exact(
+    redis_server: RedisServer, seaweedfs: SeaweedServer
+) -> None:
+    bound = 4
+    env = {**seaweedfs.env(f"outage-{uuid.uuid4().hex[:8]}"), "IMAGE_STORE_RETRY_SECONDS": bound,
+           "PROCEDURAL_LATENCY_MS": 250}
+    with images_stack(redis_server, **env) as (client, _, r):
+        headers = auth(new_user())
+        created = client.post("/create-queue", headers=headers,
+                              json={"prompts": ["through the storm"], "count": 48, "width": 128, "height": 128})
+        qid = created.json()["queue_id"]
+
+        def progressed() -> bool:
+            return int(client.get(f"/queue-status/{qid}?images_limit=0", headers=headers).json()["succeeded"]) >= 4
+
+        wait_until(progressed, 60, interval=0.1, what="some images to succeed")
+        seaweedfs.kill()
+        try:
+            # Down for longer than the bound: images finishing now wait, then fail with the store's error.
+            wait_until(lambda: client.get(f"/queue-status/{qid}?images_limit=0", headers=headers).json()["failed"],
+                       bound + 30, interval=0.2, what="an image to fail past the bound")
+        finally:
+            seaweedfs.start()
+        done = wait_status(client, headers, qid, TERMINAL, timeout=120)
+        assert_counts_consistent(done)
+        assert done["succeeded"] + done["failed"] == 48 and done["failed"] >= 1 and done["succeeded"] >= 4
+        for image in done["images"]:
+            if image["status"] == "failed":
+                assert image["error"].startswith("image store unreachable: "), image
+            else:
+                assert image["status"] == "succeeded" and client.get(image["url"]).status_code == 200
+        # Generated once each: an upload that failed never sent an image back to the provider.
+        assert {rec["a"] for rec in records(r, qid).values()} == {1}

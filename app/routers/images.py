@@ -69,7 +69,7 @@ async def get_image(
             await stream.aclose()
             stream = await service.images.open(image, thumb, byte_range)
     except ImageGone as exc:
-        raise NotFound(exc.detail) from None
+        raise NotFound(exc.message) from None
     except StoreUnavailable as exc:
         raise ServiceUnavailable(f"image store unavailable: {exc.message}") from None
     ext = EXTENSIONS.get(stream.content_type, "bin")

@@ -21,12 +21,8 @@ from app.services.images.base import (
 LegacyReader = Callable[[str, int], Awaitable[bytes | None]]
 
 
-class ImageGone(Exception):
-    """The record says the image exists, but its bytes cannot be had; `detail` says why."""
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
+class ImageGone(StoreError):
+    """The record says the image exists, but its bytes cannot be had; `message` says why."""
 
 
 @dataclass(frozen=True, slots=True)

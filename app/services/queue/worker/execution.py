@@ -169,6 +169,9 @@ class Execution:
                 except (StoreUnreachable, ImageUnreadable) as exc:
                     # Never generated again for this: the image fails with the store's words.
                     outcome, error = Outcome.FAILED, str(exc)
+                except Exception as exc:
+                    log.exception("storing the image failed unexpectedly", extra=extra)
+                    outcome, error = Outcome.FAILED, f"internal error: {type(exc).__name__}: {exc}"
                 finally:
                     blob = b""
                     self.keeper.unreserve()
