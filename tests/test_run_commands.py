@@ -93,7 +93,9 @@ def test_original_manual_steps_run_a_queue(tmp_path: Path, redis_server: RedisSe
         if worker is not None:
             worker.kill()
         api.stop()
-    assert sorted(p.name for p in (clone / ".data").iterdir()) == ["jwt-secret"]
+    assert sorted(p.name for p in (clone / ".data").iterdir()) == ["images", "jwt-secret"]
+    # With no IMAGE_STORE the images go next to the app, where API and worker both find them.
+    assert len(list((clone / ".data" / "images").rglob("*-1.png"))) == 6
 
 
 def test_importing_app_main_reads_no_settings_writes_nothing_and_connects_nowhere(tmp_path: Path) -> None:
