@@ -123,6 +123,9 @@ def test_batch_from_the_form_fills_in_live_and_opens_large(browser: Browser, sta
     batch.scroll_into_view_if_needed()
     page.wait_for_function(IMAGES_LOADED, arg=[qid, 6])
     assert queue_ids(client, headers) == [qid]
+    # The grid loads the small WebP thumbnails; the lightbox (below) the full image.
+    sources = batch.locator(".tile img").evaluate_all("imgs => imgs.map((img) => img.getAttribute('src'))")
+    assert len(sources) == 6 and all("thumb=1" in src for src in sources), sources
 
     batch.locator(".tile").nth(1).click()
     lightbox = page.locator("#lightbox")
@@ -290,6 +293,8 @@ def test_phone_layout_fits_375_pixels(browser: Browser, stack: Stack, client: ht
     expect(history_card.locator("button.show-all")).to_have_text("Show all 16")
     history_card.scroll_into_view_if_needed()
     page.wait_for_function(IMAGES_LOADED, arg=[done, 12])
+    history_sources = history_card.locator(".tile img").evaluate_all("imgs => imgs.map((img) => img.src)")
+    assert all("thumb=1" in src for src in history_sources), history_sources
     page.fill("#prompts", "a very long prompt " * 20)
     widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
     assert widths[0] <= widths[1] == PHONE["width"], f"horizontal scroll at 375 px: {json.dumps(widths)}"

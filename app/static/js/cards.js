@@ -133,7 +133,9 @@ function updateTile(tile, img) {
       tile.append(image);
     }
     image.alt = img.prompt || `image ${img.index}`;
-    if (image.getAttribute("src") !== img.url) image.src = img.url;
+    // Tiles show the ~256 px thumbnail (a few KB); the lightbox loads the full image.
+    const src = img.thumb || img.url;
+    if (image.getAttribute("src") !== src) image.src = src;
   } else if (img.status === "failed") {
     tile.replaceChildren(el("span", { class: "tile-label", text: "failed" }),
       el("span", { class: "tile-error", text: img.error || "" }));

@@ -111,6 +111,7 @@ function onEvent(ev) {
     q.images.set(ev.index, {
       ...old, status: ev.status, error: ev.error || null, attempt: ev.attempt || old.attempt || 0,
       url: ev.status === "succeeded" ? ev.url || null : null,
+      thumb: ev.status === "succeeded" ? ev.thumbnail_url || null : null,
     });
   }
   if (ev.type === "queue" && ev.retried) {

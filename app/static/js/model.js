@@ -49,6 +49,7 @@ export function mergeImages(q, images, force) {
     q.images.set(img.index, {
       index: img.index, prompt: img.prompt, seed: img.seed, status: img.status, error: img.error,
       url: img.url || (old && img.status === old.status ? old.url : null), attempt: img.attempts || 0,
+      thumb: img.thumbnail_url || (old && img.status === old.status ? old.thumb : null),
     });
   }
 }
