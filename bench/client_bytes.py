@@ -12,7 +12,7 @@ import sys
 
 import httpx
 
-from bench.common import ROOT, auth, free_port_proc, new_user, private_redis, report, stack, wait_done, wait_until
+from bench.common import ROOT, auth, free_port, new_user, private_redis, report, stack, wait_done, wait_until
 from bench.http_throughput import answers
 
 
@@ -20,7 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=48)
     args = parser.parse_args()
-    port = free_port_proc()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "bench.openai_server", "--port", str(port), "--photo"], cwd=ROOT)
     url = f"http://127.0.0.1:{port}/v1"
     try:

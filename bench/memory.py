@@ -17,7 +17,7 @@ from rq import Queue
 from bench.common import (
     ROOT,
     auth,
-    free_port_proc,
+    free_port,
     new_user,
     private_redis,
     report,
@@ -74,7 +74,7 @@ def finished_per_image(url: str, client: redis.Redis, n: int) -> None:
     and its share of the queue's hashes, by MEMORY USAGE of those keys (INFO's used_memory also moves
     with transient client buffers). Against the same with IMAGE_STORE=redis, as before the store."""
     n = max(10, n // 10 * 10)
-    port = free_port_proc()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "bench.openai_server", "--port", str(port), "--photo"], cwd=ROOT)
     provider = {"IMAGE_PROVIDER": "openai", "IMAGE_PROVIDER_URL": f"http://127.0.0.1:{port}/v1", "IMAGE_MODEL": "bench"}
     try:

@@ -13,41 +13,31 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
+import redis
 from PIL import Image
 
-from tests.conftest import fresh_redis_url
+from app.harness import start_worker, wait_until
 from tests.seaweedfs import SeaweedServer
-from tests.utils import (
-    RedisServer,
-    assert_counts_consistent,
-    auth,
-    new_user,
-    service_env,
-    start_api,
-    start_worker,
-    wait_status,
-    wait_until,
-)
+from tests.utils import LOG_DIR, MakeStack, assert_counts_consistent, auth, new_user, wait_status
 
 TERMINAL = {"completed", "failed", "cancelled"}
 
 
 @contextmanager
-def images_stack(redis_server: RedisServer, *, worker_env: dict[str, Any] | None = None,
+def images_stack(make_stack: MakeStack, *, worker_env: dict[str, Any] | None = None,
                  **env: Any) -> Iterator[tuple[httpx.Client, dict[str, str], Any]]:
-    """API + one worker on a fresh database; yields (client, env, redis client)."""
-    url = fresh_redis_url(redis_server)
-    environment = service_env(url, **env)
-    api, base = start_api(environment)
-    worker = start_worker({**environment, **{k: str(v) for k, v in (worker_env or {}).items()}}, "--concurrency=4")
-    r = redis_server.client(int(url.rsplit("/", 1)[1]))
+    """API + one worker (its own settings on top, when given) on a fresh database; yields (client,
+    env, a Redis client on that database)."""
+    stack = make_stack(workers=0 if worker_env else 1, **env)
+    if worker_env:
+        worker_settings = {k: str(v) for k, v in worker_env.items()}
+        stack.workers.append(start_worker({**stack.env, **worker_settings}, "--concurrency=4", log_dir=LOG_DIR))
+        stack.wait_for_workers(1)
+    r = redis.Redis.from_url(stack.redis_url)
     try:
-        with httpx.Client(base_url=base, timeout=30) as client:
-            wait_until(lambda: client.get("/health").json()["workers"] == 1, 30, what="the worker to register")
-            yield client, environment, r
+        with stack.client() as client:
+            yield client, stack.env, r
     finally:
-        worker.stop()
-        api.stop()
         r.close()
 
 
@@ -67,8 +57,8 @@ def directory(env: dict[str, str]) -> Path:
     return Path(urlparse(env["IMAGE_STORE"]).path)
 
 
-def test_images_go_to_the_file_store_and_redis_keeps_only_records(redis_server: RedisServer) -> None:
-    with images_stack(redis_server) as (client, env, r):
+def test_images_go_to_the_file_store_and_redis_keeps_only_records(make_stack: MakeStack) -> None:
+    with images_stack(make_stack) as (client, env, r):
         headers = auth(new_user())
         done = run_queue(client, headers, prompts=["a fox", "an owl"], count=2, output_format="webp",
                          output_quality=70)
@@ -110,9 +100,9 @@ def test_output_format_is_validated(client: httpx.Client) -> None:
 
 
 def test_a_vanished_object_is_a_404_that_says_so_and_delete_removes_the_queues_objects(
-    redis_server: RedisServer,
+    make_stack: MakeStack,
 ) -> None:
-    with images_stack(redis_server) as (client, env, r):
+    with images_stack(make_stack) as (client, env, r):
         headers = auth(new_user())
         done = run_queue(client, headers, prompts=["a", "b", "c"])
         qid = done["queue_id"]
@@ -128,9 +118,9 @@ def test_a_vanished_object_is_a_404_that_says_so_and_delete_removes_the_queues_o
         assert r.zscore("iq:gc", qid) is None
 
 
-def test_expired_queues_leave_nothing_in_the_store(redis_server: RedisServer) -> None:
+def test_expired_queues_leave_nothing_in_the_store(make_stack: MakeStack) -> None:
     ttl, sweep = 5, 1
-    with images_stack(redis_server, QUEUE_TTL_SECONDS=ttl, IMAGE_STORE_SWEEP_SECONDS=sweep) as (client, env, r):
+    with images_stack(make_stack, QUEUE_TTL_SECONDS=ttl, IMAGE_STORE_SWEEP_SECONDS=sweep) as (client, env, r):
         headers = auth(new_user())
         done = run_queue(client, headers, prompts=["short-lived"], count=3)
         qid = done["queue_id"]
@@ -141,8 +131,8 @@ def test_expired_queues_leave_nothing_in_the_store(redis_server: RedisServer) ->
         assert r.zscore("iq:gc", qid) is None
 
 
-def test_images_written_before_the_store_stay_readable(redis_server: RedisServer) -> None:
-    with images_stack(redis_server) as (client, _, r):
+def test_images_written_before_the_store_stay_readable(make_stack: MakeStack) -> None:
+    with images_stack(make_stack) as (client, _, r):
         headers = auth(new_user())
         done = run_queue(client, headers, prompts=["old"])
         qid = done["queue_id"]
@@ -158,9 +148,9 @@ def test_images_written_before_the_store_stay_readable(redis_server: RedisServer
         assert client.get(status["images"][0]["thumbnail_url"]).content == b"\x89PNG legacy bytes"
 
 
-def test_s3_store_streams_or_redirects_to_a_presigned_url(redis_server: RedisServer, seaweedfs: SeaweedServer) -> None:
+def test_s3_store_streams_or_redirects_to_a_presigned_url(make_stack: MakeStack, seaweedfs: SeaweedServer) -> None:
     prefix = f"e2e-{uuid.uuid4().hex[:8]}"
-    with images_stack(redis_server, **seaweedfs.env(prefix)) as (client, _, _r):
+    with images_stack(make_stack, **seaweedfs.env(prefix)) as (client, _, _r):
         headers = auth(new_user())
         done = run_queue(client, headers, prompts=["through the api"], output_format="jpeg")
         got = client.get(done["images"][0]["url"])
@@ -169,7 +159,7 @@ def test_s3_store_streams_or_redirects_to_a_presigned_url(redis_server: RedisSer
         health = client.get("/health").json()
         assert health["image_store"]["kind"] == "s3" and health["image_store"]["reachable"]
         assert not [w for w in health["warnings"] if "image store" in w]
-    with images_stack(redis_server, **seaweedfs.env(prefix + "-public", public=True)) as (client, _, _r):
+    with images_stack(make_stack, **seaweedfs.env(prefix + "-public", public=True)) as (client, _, _r):
         headers = auth(new_user())
         done = run_queue(client, headers, prompts=["straight from the store"])
         redirect = client.get(done["images"][0]["url"], follow_redirects=False)
@@ -184,9 +174,9 @@ def test_s3_store_streams_or_redirects_to_a_presigned_url(redis_server: RedisSer
         assert seaweedfs.endpoint in client.get("/").headers["content-security-policy"]
 
 
-def test_a_worker_writing_where_the_api_cannot_read_says_so(redis_server: RedisServer, tmp_path: Path) -> None:
+def test_a_worker_writing_where_the_api_cannot_read_says_so(make_stack: MakeStack, tmp_path: Path) -> None:
     elsewhere = f"file://{tmp_path / 'worker-host-disk'}"
-    with images_stack(redis_server, worker_env={"IMAGE_STORE": elsewhere}) as (client, _, _r):
+    with images_stack(make_stack, worker_env={"IMAGE_STORE": elsewhere}) as (client, _, _r):
         def warned() -> list[str]:
             return [w for w in client.get("/health").json()["warnings"] if "cannot read" in w]
 
@@ -201,12 +191,12 @@ def test_a_worker_writing_where_the_api_cannot_read_says_so(redis_server: RedisS
 
 
 def test_an_object_store_outage_mid_batch_fails_only_past_the_bound_and_counts_stay_exact(
-    redis_server: RedisServer, seaweedfs: SeaweedServer
+    make_stack: MakeStack, seaweedfs: SeaweedServer
 ) -> None:
     bound = 4
     env = {**seaweedfs.env(f"outage-{uuid.uuid4().hex[:8]}"), "IMAGE_STORE_RETRY_SECONDS": bound,
            "PROCEDURAL_LATENCY_MS": 250}
-    with images_stack(redis_server, **env) as (client, _, r):
+    with images_stack(make_stack, **env) as (client, _, r):
         headers = auth(new_user())
         created = client.post("/create-queue", headers=headers,
                               json={"prompts": ["through the storm"], "count": 48, "width": 128, "height": 128})
