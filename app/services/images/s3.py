@@ -1,7 +1,7 @@
 """Images in any S3-compatible object store (`s3://bucket/prefix`): AWS S3, R2, MinIO, SeaweedFS, Garage.
 
 The client is obstore (Rust's object_store under a thin Python layer): native async, so it runs on
-the worker's own event loop, about a third of aiobotocore's CPU per 2.6 MB upload here and one
+the worker's own event loop, about a quarter of aiobotocore's CPU per 2.6 MB upload here and one
 dependency-free wheel (BENCHMARKS.md). Credentials come from the standard AWS variables.
 """
 
