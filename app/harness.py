@@ -8,6 +8,7 @@ on a free port, a readiness check, and a stop that sends SIGTERM, then SIGKILL o
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,6 +30,7 @@ from app.core.config import Settings
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: worker.py and the app package
 GRACE_SECONDS = 30.0  # longer than a worker's own grace in QUICK_SETTINGS, so stops are clean, not kills
 READY_TIMEOUT_SECONDS = 30.0
+PORTS_FROM = 10_000  # private servers listen from here up to the ephemeral range (see free_ports)
 _OUTPUT_TAIL_CHARS = 4000
 
 # Settings for short-lived stacks (tests, benchmarks): a lost worker or a missed cancel shows within
@@ -45,18 +47,34 @@ QUICK_SETTINGS = {
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports of 127.0.0.1 that nothing listens on (as of now): the sockets are held
-    together, so none is handed out twice."""
+    """`count` distinct TCP ports of 127.0.0.1 that nothing listens on (as of now), held together while
+    chosen so none is handed out twice. They are picked below the kernel's ephemeral range, where
+    outgoing connections take their local ports: a server restarted on its port (Redis, an object store)
+    does not find it taken by some client's connection meanwhile."""
+    ephemeral_low = _ephemeral_range()[0]
+    pool = range(PORTS_FROM, ephemeral_low) if ephemeral_low - PORTS_FROM >= 1000 else None
     sockets: list[socket.socket] = []
     try:
-        for _ in range(count):
+        while len(sockets) < count:
             s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", random.choice(pool) if pool else 0))
+            except OSError:  # in use: draw again
+                s.close()
+                continue
             sockets.append(s)
-            s.bind(("127.0.0.1", 0))
         return [int(s.getsockname()[1]) for s in sockets]
     finally:
         for s in sockets:
             s.close()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def free_port() -> int:

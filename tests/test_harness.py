@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app.harness import Process, RedisServer, free_ports, start_server, wait_until
+from app.harness import PORTS_FROM, Process, RedisServer, free_ports, start_server, wait_until
 from tests.utils import LOG_DIR
 
 
@@ -63,6 +63,7 @@ def test_redis_restarts_on_its_port_with_its_data_and_hands_out_fresh_databases(
     assert server.process is not None and server.process.returncode == 0
 
 
-def test_free_ports_are_distinct() -> None:
+def test_free_ports_are_distinct_and_outside_the_range_clients_take_theirs_from() -> None:
     ports = free_ports(20)
-    assert len(set(ports)) == 20 and all(1024 <= p < 65536 for p in ports)
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    assert len(set(ports)) == 20 and all(PORTS_FROM <= p < int(ephemeral[0]) for p in ports), ports
