@@ -37,7 +37,7 @@ from app.services.images.serving import ImageServer
 from app.services.models import load_catalog
 from app.services.queue.fleet import FleetService
 from app.services.queue.queue_service import QueueService
-from app.services.queue.store import QueueStore
+from app.services.queue.store import REDIS_ENCODING_ERRORS, QueueStore
 from app.services.queue.tickets import Tickets, ticket_timeout
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -90,6 +90,7 @@ def redis_clients(settings: Settings) -> tuple[redis.asyncio.Redis, redis.Redis]
         socket_connect_timeout=settings.redis_connect_timeout,
         health_check_interval=15,
         retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+        encoding_errors=REDIS_ENCODING_ERRORS,
     )
     async_client = redis.asyncio.Redis(connection_pool=pool)
     sync_client = redis.Redis.from_url(
@@ -98,6 +99,7 @@ def redis_clients(settings: Settings) -> tuple[redis.asyncio.Redis, redis.Redis]
         socket_timeout=settings.redis_socket_timeout,
         socket_connect_timeout=settings.redis_connect_timeout,
         health_check_interval=15,
+        encoding_errors=REDIS_ENCODING_ERRORS,
     )
     return async_client, sync_client
 

@@ -7,7 +7,8 @@
         server.requests                          # [{"path", "json", "headers", "at"}, ...]
 
 Script steps: "ok", "500", "502", "503", "429" or "429:<Retry-After value>" (seconds or an HTTP date),
-"400:<message>" (the protocol's error JSON carrying that message), "hang" (never answers within a
+"400:<message>" (the protocol's error JSON carrying that message, any text: a lone surrogate such as
+"\\ud800" goes out as its JSON escape, as servers that cut text mid-character send it), "hang" (never answers within a
 client's timeout), "garbage" (200 with no image), "cut" (a streamed answer that ends after its first
 partial image). When the script is empty, every answer is "ok" (after `latency` seconds). `api_key`
 makes the server answer 401 without that bearer key.
@@ -117,7 +118,7 @@ class ProviderServer(ScriptedServer):
         with self._lock:
             return self._script.popleft() if self._script else "ok"
 
-    async def _common(self, request: Request) -> tuple[dict[str, Any], JSONResponse | None]:
+    async def _common(self, request: Request) -> tuple[dict[str, Any], Response | None]:
         body = await request.json()
         self.requests.append({"path": request.url.path, "json": body, "headers": dict(request.headers),
                               "at": time.monotonic()})
@@ -141,12 +142,13 @@ class ProviderServer(ScriptedServer):
             return body, JSONResponse({"data": [], "images": []})
         return body, None
 
-    def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> Response:
         if self.kind == "openai":
             payload: dict[str, Any] = {"error": {"message": message, "type": "invalid_request_error", "code": None}}
         else:
             payload = {"error": "HTTPException", "detail": message, "body": "", "errors": ""}
-        return JSONResponse(payload, status_code=status, headers=headers)
+        # json.dumps escapes what is not ASCII, so any message renders (Starlette's would refuse a lone surrogate).
+        return Response(json.dumps(payload), status_code=status, headers=headers, media_type="application/json")
 
     async def _track(self, handler: Any, request: Request) -> JSONResponse:
         self.in_flight += 1

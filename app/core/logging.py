@@ -10,7 +10,7 @@ from typing import Any
 
 CONTEXT_FIELDS = (
     "queue_id", "image", "user", "worker", "model", "attempt", "status", "seconds", "error", "images",
-    "method", "path", "http_status", "ms", "prompt",
+    "method", "path", "http_status", "ms", "prompt", "task",
 )
 # uvicorn's own loggers go through our JSON handler; its access log is replaced by ours, which
 # leaves out query strings (stream tokens and image signatures travel there).

@@ -83,6 +83,9 @@ PROVIDER_ERROR_CHARS = 500
 GC_KEY = PREFIX + "gc"  # zset queue id -> when its objects in the image store may be due for removal (ms)
 STORE_READERS_KEY = PREFIX + "store:readers"  # zset image store id -> when an API last said it reads it (ms)
 STORE_READERS_KEEP_MS = 86_400_000
+# Text that is not valid Unicode (a lone surrogate from a provider's error JSON) is written with the
+# offending characters replaced, never refused: every Redis client is made with this.
+REDIS_ENCODING_ERRORS = "replace"
 
 
 def user_key(user_id: str) -> str:

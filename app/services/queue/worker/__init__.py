@@ -13,6 +13,7 @@ re-queue the images of a worker that died; a cancel watcher stops the images of 
 - reporter.py: the batched reports of finished images
 - duties.py: heartbeat, reaper and ticket top-up, cancel watchers, webhook deliveries
 - gate.py: the back-off a provider's 429 imposes on every worker of its model
+- supervisor.py: restarts a background task that failed; ends the process when one keeps failing
 - rq_glue.py: the RQ side (ImageWorker, the ticket job, queue names)
 
 RQ jobs name `redeem_ticket` by its dotted path here (tickets.TICKET_FUNC), and that path is

@@ -59,9 +59,16 @@ class Duties:
         self.clock_offset_ms: int | None = None  # this host's clock minus Redis's, as last measured
         self.store_info = store_info  # the image store this worker writes to (GET /health compares)
 
-    def loops(self) -> list[Coroutine[Any, Any, None]]:
+    def loops(self) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
+        """Each loop by name, as a factory: the supervisor starts it again after a failure."""
         s = self.settings
-        loops = [self.heartbeat(), self.reaper(), self.cancel_poll(), self.cancel_listen()]
+        loops: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
+            "heartbeat": self.heartbeat,
+            "reaper": self.reaper,
+            "top-up": self.top_up_loop,
+            "cancel-poll": self.cancel_poll,
+            "cancel-listen": self.cancel_listen,
+        }
         if s.webhook_secret:
             dispatcher = WebhookDispatcher(
                 self.store,
@@ -70,7 +77,7 @@ class Duties:
                 allow_private=s.webhook_allow_private,
                 max_retry_seconds=s.webhook_max_retry_seconds,
             )
-            loops.append(self.webhooks(dispatcher))
+            loops["webhooks"] = lambda: self.webhooks(dispatcher)
         return loops
 
     # -- heartbeat ----------------------------------------------------------------------------
@@ -137,9 +144,16 @@ class Duties:
                     log.info("re-queued images of a lost worker", extra={"worker": self.name})
                 for model in models:
                     await asyncio.to_thread(self.tickets.wake, model, 1)
-                await self.top_up()
             except redis.RedisError as exc:
                 log.warning("reaper failed: %s", exc, extra={"worker": self.name})
+
+    async def top_up_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.worker_heartbeat_seconds)
+            try:
+                await self.top_up()
+            except redis.RedisError as exc:
+                log.warning("ticket top-up failed: %s", exc, extra={"worker": self.name})
 
     async def top_up(self) -> None:
         """Safety net: claimable work with no ticket waiting and nobody draining gets a ticket."""

@@ -20,7 +20,7 @@ from app.services.image_service import ImageService
 from app.services.images import ImageStore, open_store
 from app.services.models import Catalog, ModelConfig
 from app.services.providers.factory import build_model_provider
-from app.services.queue.store import QueueStore
+from app.services.queue.store import REDIS_ENCODING_ERRORS, QueueStore
 from app.services.queue.tickets import Tickets, ticket_timeout
 from app.services.queue.worker.duties import Duties
 from app.services.queue.worker.execution import Execution
@@ -28,6 +28,7 @@ from app.services.queue.worker.gate import StoreGate
 from app.services.queue.worker.objects import ImageKeeper
 from app.services.queue.worker.reporter import Reporter
 from app.services.queue.worker.slots import Slots
+from app.services.queue.worker.supervisor import Supervisor
 
 log = logging.getLogger("imagequeue.worker")
 
@@ -144,6 +145,7 @@ class WorkerRuntime:
             socket_timeout=s.redis_socket_timeout,
             socket_connect_timeout=s.redis_connect_timeout,
             health_check_interval=15,
+            encoding_errors=REDIS_ENCODING_ERRORS,
         )
         self._redis = redis.asyncio.Redis(connection_pool=pool)
         self.store = QueueStore(self._redis)
@@ -179,8 +181,11 @@ class WorkerRuntime:
             busy=lambda: self._draining or self._stopping,
             store_info=lambda: self.keeper.info,
         )
-        for coro in [*duties.loops(), reporter.run(), self.keeper.watch(), self.keeper.sweep()]:
-            self._background.append(asyncio.create_task(coro))
+        supervisor = Supervisor(self.name)
+        loops = {**duties.loops(), "reporter": reporter.run, "store-watch": self.keeper.watch,
+                 "store-sweep": self.keeper.sweep}
+        for name, loop in loops.items():
+            self._background.append(supervisor.start(name, loop))
 
     def _service(self, model: ModelConfig) -> ImageService:
         s = self.settings
