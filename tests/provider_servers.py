@@ -10,7 +10,9 @@ Script steps: "ok", "500", "502", "503", "429" or "429:<Retry-After value>" (sec
 "400:<message>" (the protocol's error JSON carrying that message, any text: a lone surrogate such as
 "\\ud800" goes out as its JSON escape, as servers that cut text mid-character send it), "hang" (never answers within a
 client's timeout), "garbage" (200 with no image), "cut" (a streamed answer that ends after its first
-partial image). When the script is empty, every answer is "ok" (after `latency` seconds). `api_key`
+partial image). When the script is empty, every answer is "ok" (after `latency` seconds), or with
+`fault_rates={"500": 0.05, "429": 0.02}` a step drawn at those rates (seeded by `seed`); each entry of
+`server.requests` records the step it got. `api_key`
 makes the server answer 401 without that bearer key.
 
 Progress: an OpenAI request with `stream: true` is answered with Server-Sent Events, `partial_images`
@@ -30,6 +32,7 @@ import asyncio
 import base64
 import io
 import json
+import random
 import threading
 import time
 from collections import deque
@@ -93,11 +96,14 @@ class ScriptedServer:
 
 
 class ProviderServer(ScriptedServer):
-    def __init__(self, kind: str, *, latency: float = 0.0, api_key: str | None = None) -> None:
+    def __init__(self, kind: str, *, latency: float = 0.0, api_key: str | None = None,
+                 fault_rates: dict[str, float] | None = None, seed: int = 0) -> None:
         assert kind in ("openai", "automatic1111")
         self.kind = kind
         self.latency = latency
         self.api_key = api_key
+        self.fault_rates = dict(fault_rates or {})  # unscripted answers: step -> probability, e.g. {"500": 0.05}
+        self._random = random.Random(seed)
         self.requests: list[dict[str, Any]] = []
         self.interrupts = 0
         self.in_flight = 0
@@ -116,15 +122,22 @@ class ProviderServer(ScriptedServer):
 
     def _next(self) -> str:
         with self._lock:
-            return self._script.popleft() if self._script else "ok"
+            if self._script:
+                return self._script.popleft()
+            draw = self._random.random()
+            for step, rate in self.fault_rates.items():
+                if draw < rate:
+                    return step
+                draw -= rate
+            return "ok"
 
     async def _common(self, request: Request) -> tuple[dict[str, Any], Response | None]:
         body = await request.json()
-        self.requests.append({"path": request.url.path, "json": body, "headers": dict(request.headers),
-                              "at": time.monotonic()})
+        record = {"path": request.url.path, "json": body, "headers": dict(request.headers), "at": time.monotonic()}
+        self.requests.append(record)
         if self.api_key and request.headers.get("authorization") != f"Bearer {self.api_key}":
             return body, self._error(401, "Incorrect API key provided")
-        step = self._next()
+        step = record["step"] = self._next()
         if step == "cut":
             body["_cut"] = True
         if self.latency and not body.get("stream"):  # a stream spreads the latency over its events

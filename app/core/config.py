@@ -37,8 +37,9 @@ class Settings(BaseSettings):
     require_auth_config: bool = False
 
     # Queue lifetime
+    # Short lifetimes are for soaks and tests (bench.chaos waits for queues to expire).
     queue_ttl_seconds: int = Field(default=86_400, ge=5)
-    queue_safety_ttl_seconds: int = Field(default=7 * 86_400, ge=3600)
+    queue_safety_ttl_seconds: int = Field(default=7 * 86_400, ge=10)
     idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
 
     # Provider (the single default model when no catalogue is configured)
