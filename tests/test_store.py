@@ -126,7 +126,7 @@ async def test_racing_completions_and_cancel_keep_counts_exact(store: QueueStore
 
 async def test_finished_queue_keys_expire_with_the_ttl(store: QueueStore) -> None:
     await make(store, "q", "a", 1)
-    (claim,) = (await store.claim("w", ["m"], 1, {}, 10_000)).claims
+    (claim,) = (await store.claim("w", ["m"], 1, {}, 10_000, safety_ttl=TTL)).claims
     assert 0 < await store.redis.ttl("iq:q:{q}") <= TTL
     await store.complete(claim, Outcome.SUCCEEDED, ttl=60, user_ttl=120, record=stored("x"))
     for suffix in ("", ":spec", ":img", ":ev"):
@@ -151,3 +151,71 @@ def test_lua_spells_no_shared_constant_by_hand() -> None:
         assert str(THROUGHPUT_BUCKET_MS) not in text and str(THROUGHPUT_BUCKET_TTL_SECONDS) not in text, path.name
     # A throughput bucket lives at least as long as the window that reads it.
     assert THROUGHPUT_BUCKET_TTL_SECONDS * 1000 > (THROUGHPUT_WINDOW_BUCKETS + 1) * THROUGHPUT_BUCKET_MS
+
+
+async def _global_counters(store: QueueStore, uk: str, models: tuple[str, ...]) -> dict[str, object]:
+    """Every figure a queue raises while it is unfinished, as the schedule and admission limits read them."""
+    return {
+        "inflight": {m: v for m, v in (await store.inflight()).items() if v},
+        "pending": {m: p for m in models for p, v in (await store.pending_by_priority(m)).items() if v},
+        "user_pending": await store.user_pending(uk),
+        "active": await store.redis.zcard(f"{PREFIX}u:{uk}:active"),
+        "leases": await store.redis.zcard(f"{PREFIX}leases"),
+        "rings": [k async for k in store.redis.scan_iter(f"{PREFIX}s:*")],
+    }
+
+
+async def _make_short_lived(store: QueueStore, qid: str, uk: str, total: int, model: str, safety: int) -> None:
+    result = await store.create(
+        queue_id=qid, uk=uk, fields={"model": model, "priority": "normal", "total": total, "user": uk},
+        spec=json.dumps({"prompts": ["p"], "count": total, "seed": 0}), safety_ttl=safety, idempotency_key=None,
+        fingerprint="", idempotency_ttl=TTL, max_pending=0, max_active=0,
+    )
+    assert result.outcome == "created"
+
+
+async def test_a_queue_that_expires_unfinished_settles_every_global_counter(store: QueueStore) -> None:
+    """Its safety TTL ran out (nothing renewed it): the counters it held are settled by whoever meets it gone."""
+    zero = {"inflight": {}, "pending": {}, "user_pending": 0, "active": 0, "leases": 0, "rings": []}
+    await _make_short_lived(store, "busy", "u6", 5, "m", 1)  # claimed from, then left to expire
+    await _make_short_lived(store, "idle", "u6", 3, "idle-model", 1)  # no worker serves its model
+    claims = (await store.claim("w", ["m"], 2, {}, 60_000, safety_ttl=1)).claims
+    assert len(claims) == 2
+    await asyncio.sleep(2.5)
+    assert await store.meta("busy") is None and await store.meta("idle") is None
+    # A running image's report finds the queue gone; the schedule meets it; the reaper sweeps the rest.
+    assert await store.complete(claims[0], Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL) == Discarded.GONE
+    assert (await store.claim("w", ["m"], 5, {}, 60_000)).claims == []
+    await store.reap(3, TTL, TTL)
+    assert await store.complete(claims[1], Outcome.FAILED, ttl=TTL, user_ttl=TTL) == Discarded.GONE
+    assert await _global_counters(store, "u6", ("m", "idle-model")) == zero
+    # A lease of the gone queue that lapses instead (its worker died) changes nothing more.
+    await store.redis.zadd(f"{PREFIX}leases", {claims[1].lease_member: 0})
+    await store.reap(3, TTL, TTL)
+    assert await _global_counters(store, "u6", ("m", "idle-model")) == zero
+
+
+async def test_a_living_queue_keeps_renewing_its_lifetime(store: QueueStore) -> None:
+    await _make_short_lived(store, "long", "u7", 4, "m", 2)
+    claims = (await store.claim("w", ["m"], 1, {}, 60_000, safety_ttl=2)).claims
+    for _ in range(8):  # 4 s: twice the safety TTL
+        await store.renew([c.lease_member for c in claims], 60_000, safety_ttl=2)
+        await asyncio.sleep(0.5)
+    assert await store.meta("long") is not None
+    for suffix in ("", ":spec", ":img", ":ev"):
+        assert await store.redis.ttl(f"{PREFIX}q:{{long}}{suffix}") > 0, suffix
+    for suffix in (":active", ":ev", ":stats"):
+        assert await store.redis.ttl(f"{PREFIX}u:u7{suffix}") > 0, suffix
+
+
+async def test_retry_gives_the_user_keys_it_recreates_a_lifetime(store: QueueStore) -> None:
+    await make(store, "r", "u8", 1)
+    (claim,) = (await store.claim("w", ["m"], 1, {}, 60_000)).claims
+    assert await store.complete(claim, Outcome.FAILED, ttl=TTL, user_ttl=TTL, error="x") == "failed"
+    for suffix in (":active", ":hist", ":ev", ":stats"):  # the user's index is gone, the queue still here
+        await store.redis.delete(f"{PREFIX}u:u8{suffix}")
+    assert (await store.retry("r", "u8", False, TTL))[1] == 1
+    keys = [k async for k in store.redis.scan_iter(f"{PREFIX}u:u8*")]
+    assert keys
+    for key in keys:
+        assert await store.redis.ttl(key) > 0, key

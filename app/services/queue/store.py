@@ -29,6 +29,9 @@ Key layout (every key imagequeue writes; {qid} in braces is the queue's id, {uk}
   iq:gc                      zset    queue id -> when its objects in the image store may be removed (ms)
   iq:store:readers           zset    image store id -> when an API instance last said it reads it (ms)
   iq:obj:{qid}               hash    object name -> bytes, for IMAGE_STORE=redis only
+  iq:open                    hash    unfinished queue id -> its user, model and priority
+  iq:open:n                  hash    "<qid>:p" / "<qid>:r" -> its pending / running images (what it
+                                     holds of the global counters, given back if it expires unfinished)
   iq:health:{model}          hash    the provider's last success and last error, as workers saw them
   iq:workers                 zset    worker name -> heartbeat expiry (ms); iq:w:{name} its JSON info
   iq:idem:{uk}:{sha256}      string  an Idempotency-Key's queue id and request fingerprint
@@ -72,6 +75,10 @@ WORKER_KEY_PREFIX = PREFIX + "w:"
 STATS_KEY = PREFIX + "stats"
 SEQ_KEY = PREFIX + "seq"
 WEBHOOKS_DUE_KEY = PREFIX + "wh:due"
+OPEN_KEY = PREFIX + "open"
+OPEN_COUNTS_KEY = PREFIX + "open:n"
+OPEN_SWEEP = 16  # unfinished queues the reaper checks for expiry each round
+DEFAULT_SAFETY_TTL_SECONDS = 7 * 86_400
 CANCEL_CHANNEL = PREFIX + "cancel"
 USER_EVENTS_MAXLEN = 10_000
 THROUGHPUT_BUCKET_MS = 10_000
@@ -124,6 +131,9 @@ def _lua_constants() -> dict[str, Any]:
         "SEQ_KEY": SEQ_KEY,
         "WEBHOOKS_DUE_KEY": WEBHOOKS_DUE_KEY,
         "GC_KEY": GC_KEY,
+        "OPEN_KEY": OPEN_KEY,
+        "OPEN_COUNTS_KEY": OPEN_COUNTS_KEY,
+        "OPEN_SWEEP": OPEN_SWEEP,
         "CANCEL_CHANNEL": CANCEL_CHANNEL,
         "USER_EVENTS_MAXLEN": USER_EVENTS_MAXLEN,
         "THROUGHPUT_BUCKET_MS": THROUGHPUT_BUCKET_MS,
@@ -351,9 +361,19 @@ class QueueStore:
 
     # -- schedule ---------------------------------------------------------------------------
     async def claim(
-        self, worker: str, models: Sequence[str], n: int, caps: Mapping[str, int], lease_ms: int
+        self,
+        worker: str,
+        models: Sequence[str],
+        n: int,
+        caps: Mapping[str, int],
+        lease_ms: int,
+        *,
+        safety_ttl: int = DEFAULT_SAFETY_TTL_SECONDS,
     ) -> ClaimResult:
-        res = await self._run("claim", worker, lease_ms, n, json.dumps(dict(caps)), json.dumps(list(models)))
+        """Claims up to n images; the queues they come from get their safety TTL renewed."""
+        res = await self._run(
+            "claim", worker, lease_ms, n, json.dumps(dict(caps)), json.dumps(list(models)), safety_ttl
+        )
         claims = [Claim(_s(res[i]), int(res[i + 1]), int(res[i + 2])) for i in range(2, len(res), 3)]
         return ClaimResult(claims, int(res[0]), bool(int(res[1])))
 
@@ -395,9 +415,12 @@ class QueueStore:
             results = await pipe.execute()
         return [_settled(v) for v in results]
 
-    async def renew(self, members: Sequence[str], lease_ms: int) -> None:
+    async def renew(
+        self, members: Sequence[str], lease_ms: int, *, safety_ttl: int = DEFAULT_SAFETY_TTL_SECONDS
+    ) -> None:
+        """Extends the leases, and the lifetime of the queues they belong to."""
         if members:
-            await self._run("renew", lease_ms, *members)
+            await self._run("renew", lease_ms, safety_ttl, *members)
 
     async def reap(self, max_lost: int, ttl: int, user_ttl: int) -> list[str]:
         """Re-queue images whose worker stopped renewing their lease; returns the models touched."""

@@ -2,10 +2,11 @@
 -- and then between each user's queues, within the models' concurrency caps and back-offs.
 
 -- @script claim
--- ARGV: worker, lease_ms, n, caps_json {model: cap}, models_json [..]
+-- ARGV: worker, lease_ms, n, caps_json {model: cap}, models_json [..], safety_ttl
 local worker, lease_ms, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local caps = cjson.decode(ARGV[4])
 local models = cjson.decode(ARGV[5])
+local safety = tonumber(ARGV[6])
 local now = server_now()
 local out = {0, 0}
 local claimed = 0
@@ -48,6 +49,7 @@ for _, prio in ipairs(PRIORITIES) do
             redis.call('HSET', q, 'cursor', m.cursor)
           end
         end
+        if not m then settle_gone(qid) end  -- expired before it finished
         if not idx then
           sched_remove(qid, uk, model, prio)
         else
@@ -73,8 +75,10 @@ for _, prio in ipairs(PRIORITIES) do
           put_rec(q, idx, rec)
           redis.call('HINCRBY', q, 'pending', -1)
           redis.call('HINCRBY', q, 'running', 1)
-          add_pending(m, -1)
+          add_pending(qid, m, -1)
+          add_running(qid, 1)
           redis.call('HINCRBY', INFLIGHT_KEY, model, 1)
+          keep_alive(qid, uk, safety)
           redis.call('ZADD', LEASES_KEY, now + lease_ms, qid .. '|' .. idx)
           if m.status == QueueState.PENDING then
             redis.call('HSET', q, 'status', QueueState.RUNNING, 'started_at', now)

@@ -23,7 +23,7 @@ redis.call('HSET', q, 'cut', '1', 'status', QueueState.CANCELLED, 'cancel_reques
 incr(q, 'pending', -cancelled)
 incr(q, 'cancelled', cancelled)
 incr(STATS_KEY, ImageStatus.CANCELLED, cancelled)
-add_pending(m, -cancelled)
+add_pending(qid, m, -cancelled)
 sched_remove(qid, uk, m.model, m.priority)
 emit(qid, uk, {type = 'queue', status = QueueState.CANCELLED}, now)
 redis.call('PUBLISH', CANCEL_CHANNEL, qid)
@@ -68,13 +68,15 @@ redis.call('HINCRBY', q, 'attempt', 1)
 redis.call('HDEL', q, 'finished_at', 'cancel_requested_at')
 redis.call('HSET', q, 'status', status)
 m.status = status
-add_pending(m, again)
+open_queue(qid, m)
+add_pending(qid, m, again)
 sched_add(qid, uk, m.model, m.priority)
 local u = ukey(uk)
 redis.call('ZREM', u .. ':hist', qid)
 redis.call('ZADD', u .. ':active', now, qid)
 set_ttl(qid, safety)
 emit(qid, uk, {type = 'queue', status = status, retried = again}, now)
+set_user_ttl(uk, safety)  -- the user's keys it touched may have expired: none is left without a lifetime
 return {RetryOutcome.RETRIED, again}
 
 -- @script delete
@@ -85,6 +87,7 @@ local m = meta(q)
 if (not m) or m.uk ~= uk then return DeleteOutcome.NOT_FOUND end
 if (not m.finished_at) or m.running > 0 then return DeleteOutcome.CONFLICT end
 for _, s in ipairs(QUEUE_KEY_SUFFIXES) do redis.call('DEL', q .. s) end
+close_queue(qid)
 local u = ukey(uk)
 redis.call('ZREM', u .. ':hist', qid)
 redis.call('ZREM', u .. ':active', qid)

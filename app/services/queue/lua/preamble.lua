@@ -45,7 +45,10 @@ local function emit(qid, uk, ev, now)
   local q = qkey(qid)
   local id = redis.call('XADD', q .. ':ev', '*', 'd', data)
   if redis.call('HEXISTS', q, 'webhook') == 1 then redis.call('ZADD', WEBHOOKS_DUE_KEY, 'NX', ev.ts, qid) end
-  redis.call('XADD', ukey(uk) .. ':ev', 'MAXLEN', '~', USER_EVENTS_MAXLEN, '*', 'q', qid, 'i', id, 'd', data)
+  local uev = ukey(uk) .. ':ev'
+  redis.call('XADD', uev, 'MAXLEN', '~', USER_EVENTS_MAXLEN, '*', 'q', qid, 'i', id, 'd', data)
+  -- A user's stream made anew here (it had expired) lives at least as long as the queue.
+  if redis.call('TTL', uev) == -1 then redis.call('EXPIRE', uev, math.max(1, redis.call('TTL', q))) end
 end
 
 -- A member joining a ring goes to its front: a user who had nothing waiting is served next, so
@@ -73,10 +76,27 @@ local function incr(key, fieldname, delta)
   if delta ~= 0 then redis.call('HINCRBY', key, fieldname, delta) end
 end
 
-local function add_pending(m, delta)
+-- What an unfinished queue holds of the global counters, kept outside its own keys (OPEN_KEY: its
+-- owner, model and priority; OPEN_COUNTS_KEY: "<qid>:p" pending and "<qid>:r" running images), so
+-- that whoever finds it expired before it finished can give them back (settle_gone).
+local function open_queue(qid, m)
+  redis.call('HSET', OPEN_KEY, qid, cjson.encode({uk = m.uk, model = m.model, priority = m.priority}))
+end
+
+local function close_queue(qid)
+  redis.call('HDEL', OPEN_KEY, qid)
+  redis.call('HDEL', OPEN_COUNTS_KEY, qid .. ':p', qid .. ':r')
+end
+
+local function add_running(qid, delta)
+  redis.call('HINCRBY', OPEN_COUNTS_KEY, qid .. ':r', delta)
+end
+
+local function add_pending(qid, m, delta)
   if delta == 0 then return end
   redis.call('HINCRBY', pend_key(m.model), m.priority, delta)
   redis.call('HINCRBY', ukey(m.uk) .. ':stats', 'pending', delta)
+  redis.call('HINCRBY', OPEN_COUNTS_KEY, qid .. ':p', delta)
 end
 
 local function set_ttl(qid, ttl)
@@ -86,9 +106,45 @@ local function set_ttl(qid, ttl)
   redis.call('ZADD', GC_KEY, server_now() + ttl * 1000, qid)
 end
 
+-- Lengthens a key's lifetime to `ttl` (never shortens it); a key without one gets it.
+local function extend_ttl(key, ttl)
+  local t = redis.call('TTL', key)
+  if t == -1 or (t >= 0 and t < ttl) then redis.call('EXPIRE', key, ttl) end
+end
+
 local function set_user_ttl(uk, ttl)
   local u = ukey(uk)
-  for _, s in ipairs(USER_KEY_SUFFIXES) do redis.call('EXPIRE', u .. s, ttl) end
+  for _, s in ipairs(USER_KEY_SUFFIXES) do extend_ttl(u .. s, ttl) end
+end
+
+-- A queue that is worked on keeps at least half its safety TTL ahead of it (and its user's keys with
+-- it): the safety TTL bounds how long a queue may sit untouched, not how long it may run.
+local function keep_alive(qid, uk, safety)
+  if redis.call('TTL', qkey(qid)) * 2 >= safety then return end
+  set_ttl(qid, safety)
+  set_user_ttl(uk, safety)
+end
+
+-- A queue that expired before it finished: what it held of the global counters (pending per model,
+-- its user's pending count and active set, images in flight, its place in the schedule) is given
+-- back, once. Its leases go as they are met (complete, reap), without touching the counters again.
+local function settle_gone(qid)
+  local raw = redis.call('HGET', OPEN_KEY, qid)
+  if not raw then return end
+  local info = cjson.decode(raw)
+  local pending = tonumber(redis.call('HGET', OPEN_COUNTS_KEY, qid .. ':p') or '0')
+  local running = tonumber(redis.call('HGET', OPEN_COUNTS_KEY, qid .. ':r') or '0')
+  local u = ukey(info.uk)
+  if pending ~= 0 then
+    redis.call('HINCRBY', pend_key(info.model), info.priority, -pending)
+    if redis.call('EXISTS', u .. ':stats') == 1 then redis.call('HINCRBY', u .. ':stats', 'pending', -pending) end
+  end
+  if running ~= 0 and tonumber(redis.call('HINCRBY', INFLIGHT_KEY, info.model, -running)) < 0 then
+    redis.call('HSET', INFLIGHT_KEY, info.model, 0)
+  end
+  redis.call('ZREM', u .. ':active', qid)
+  sched_remove(qid, info.uk, info.model, info.priority)
+  close_queue(qid)
 end
 
 local function finalize_if_done(qid, now, ttl, user_ttl)
@@ -102,6 +158,7 @@ local function finalize_if_done(qid, now, ttl, user_ttl)
     else status = QueueState.CANCELLED end
   end
   redis.call('HSET', q, 'status', status, 'finished_at', now)
+  close_queue(qid)
   set_ttl(qid, ttl)
   local u = ukey(m.uk)
   redis.call('ZREM', u .. ':active', qid)

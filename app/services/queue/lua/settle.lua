@@ -18,8 +18,9 @@ local function settle(qid, idx, rec, outcome, err, now, ttl, user_ttl, obj)
     redis.call('LPUSH', q .. ':retry', idx)
     touch(q, q .. ':retry')
     redis.call('HINCRBY', q, 'running', -1)
+    add_running(qid, -1)
     redis.call('HINCRBY', q, 'pending', 1)
-    add_pending(m, 1)
+    add_pending(qid, m, 1)
     sched_add(qid, m.uk, m.model, m.priority)
     emit(qid, m.uk, {type = 'image', index = tonumber(idx), status = ImageStatus.PENDING}, now)
     return ImageStatus.PENDING
@@ -37,6 +38,7 @@ local function settle(qid, idx, rec, outcome, err, now, ttl, user_ttl, obj)
   end
   put_rec(q, idx, rec)
   redis.call('HINCRBY', q, 'running', -1)
+  add_running(qid, -1)
   redis.call('HINCRBY', q, outcome, 1)
   redis.call('HINCRBY', STATS_KEY, outcome, 1)
   local bucket = tp_key(m.model, math.floor(now / THROUGHPUT_BUCKET_MS))
@@ -50,7 +52,11 @@ end
 -- ARGV: qid, idx, attempt, outcome, error, ttl, user_ttl, object record JSON ('' for none)
 local qid, idx, attempt = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local q = qkey(qid)
-if redis.call('EXISTS', q) == 0 then return Discarded.GONE end
+if redis.call('EXISTS', q) == 0 then
+  redis.call('ZREM', LEASES_KEY, qid .. '|' .. idx)
+  settle_gone(qid)
+  return Discarded.GONE
+end
 local rec = get_rec(q, idx)
 if (not rec) or rec.s ~= ImageStatus.RUNNING or tonumber(rec.a) ~= attempt then return Discarded.STALE end
 return settle(qid, idx, rec, ARGV[4], ARGV[5], server_now(), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8])
@@ -78,17 +84,30 @@ for _, member in ipairs(expired) do
       settle(qid, idx, rec, Outcome.REQUEUE, '', now, ttl, user_ttl, '')
       models[#models + 1] = redis.call('HGET', q, 'model')
     end
+  elseif redis.call('EXISTS', q) == 0 then
+    settle_gone(qid)
   end
+end
+-- Queues that expired with no worker to meet them (say, a model nobody serves): a few each round.
+for _, qid in ipairs(redis.call('HRANDFIELD', OPEN_KEY, OPEN_SWEEP)) do
+  if redis.call('EXISTS', qkey(qid)) == 0 then settle_gone(qid) end
 end
 return models
 
 -- @script renew
--- ARGV: lease_ms, members... Extends leases that still exist (a reaped lease stays reaped).
-local expiry = server_now() + tonumber(ARGV[1])
+-- ARGV: lease_ms, safety_ttl, members... Extends leases that still exist (a reaped lease stays reaped),
+-- and the lifetime of the queues they belong to.
+local expiry, safety = server_now() + tonumber(ARGV[1]), tonumber(ARGV[2])
 local args = {}
-for i = 2, #ARGV do
+local queues = {}
+for i = 3, #ARGV do
   args[#args + 1] = expiry
   args[#args + 1] = ARGV[i]
+  queues[string.sub(ARGV[i], 1, string.find(ARGV[i], '|', 1, true) - 1)] = true
 end
 if #args == 0 then return 0 end
+for qid in pairs(queues) do
+  local uk = redis.call('HGET', qkey(qid), 'uk')
+  if uk then keep_alive(qid, uk, safety) end
+end
 return redis.call('ZADD', LEASES_KEY, 'XX', 'CH', unpack(args))

@@ -94,7 +94,9 @@ class Duties:
         while True:
             try:
                 members = self.slots.lease_members()
-                await self.store.renew(members, int(s.worker_lease_seconds * 1000))
+                await self.store.renew(
+                    members, int(s.worker_lease_seconds * 1000), safety_ttl=s.queue_safety_ttl_seconds
+                )
                 if self.clock_offset_ms is None:
                     self._note_clock(*await self._timed(self.store.server_time_ms()))
                 info.setdefault("started_at", (time.time() * 1000 - (self.clock_offset_ms or 0)) // 1000)

@@ -245,6 +245,7 @@ class WorkerRuntime:
                         free,
                         self.catalog.caps(),
                         int(self.settings.worker_lease_seconds * 1000),
+                        safety_ttl=self.settings.queue_safety_ttl_seconds,
                     )
                 except redis.RedisError as exc:
                     log.warning("claim failed, retrying: %s", exc, extra={"worker": self.name})
