@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -32,6 +33,7 @@ class Receiver:
         self.received: list[dict[str, Any]] = []
         self.bad_signatures = 0
         self.script: list[int] = []
+        self.delay = 0.0  # seconds before each answer: a slow receiver
         self.lock = threading.Lock()
         app = Starlette(routes=[Route("/hook", self.hook, methods=["POST"])])
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
@@ -52,8 +54,10 @@ class Receiver:
             return Response(status_code=400)
         with self.lock:
             status = self.script.pop(0) if self.script else 200
+        if self.delay:
+            await asyncio.sleep(self.delay)
         self.received.append({"status": status, "event": json.loads(body),
-                              "type": request.headers["x-imagequeue-event"]})
+                              "type": request.headers["x-imagequeue-event"], "at": time.monotonic()})
         return Response(status_code=status)
 
 
@@ -157,3 +161,109 @@ def test_webhook_address_check_allows_only_global_addresses() -> None:
         assert not webhook_address_allowed(ipaddress.ip_address(text)), text
     for text in ("93.184.216.34", "8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:93.184.216.34"):
         assert webhook_address_allowed(ipaddress.ip_address(text)), text
+
+
+def _start_receiver() -> Receiver:
+    r = Receiver()
+    r.thread.start()
+    wait_until(lambda: r.server.started, 10)
+    return r
+
+
+async def _queue_with_events(store: Any, qid: str, images: int, url: str) -> None:
+    """A queue whose images all finish at once: 2 + images webhook events become due."""
+    from app.services.queue.states import Outcome
+
+    result = await store.create(
+        queue_id=qid, uk="hooks", fields={"model": qid, "priority": "normal", "total": images, "user": "u",
+                                          "webhook": json.dumps({"url": url, "events": ALL_EVENTS})},
+        spec="{}", safety_ttl=600, idempotency_key=None, fingerprint="", idempotency_ttl=600, max_pending=0,
+        max_active=0)
+    assert result.outcome == "created"
+    for claim in (await store.claim("w", [qid], images, {}, 60_000)).claims:
+        await store.complete(claim, Outcome.SUCCEEDED, ttl=600, user_ttl=600, blob=b"x", content_type="image/png")
+
+
+ALL_EVENTS = ["queue.started", "image.finished", "queue.finished"]
+
+
+async def _dispatch(dispatcher: Any, until: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    try:
+        while not await until() and time.monotonic() < deadline:
+            await dispatcher.run_once()
+            await asyncio.sleep(0.05)
+    finally:
+        await dispatcher.aclose()
+
+
+async def test_a_slow_receiver_holds_up_no_other_queue(redis_server: RedisServer) -> None:
+    from redis.asyncio import Redis
+
+    from app.services.queue.store import QueueStore
+    from app.services.queue.webhooks import WebhookDispatcher
+
+    slow, fast = _start_receiver(), _start_receiver()
+    slow.delay = 1.0
+    client = Redis.from_url(fresh_redis_url(redis_server))
+    try:
+        store = QueueStore(client)
+        await _queue_with_events(store, "slowq", 6, slow.url)  # 8 deliveries of a second each
+        async with httpx.AsyncClient() as http:
+            dispatcher = WebhookDispatcher(store, http, SECRET.encode(), allow_private=True, max_retry_seconds=60)
+            started = time.monotonic()
+            run = asyncio.create_task(_dispatch(dispatcher, lambda: _ready(len(slow.received) >= 8), 30))
+            await asyncio.sleep(0.5)  # the slow queue's round is under way
+            await _queue_with_events(store, "fastq", 1, fast.url)
+            await asyncio.wait_for(_until(lambda: len(fast.received) == 3), 20)
+            fast_done = fast.received[-1]["at"] - started
+            await run
+        assert fast_done < 3.0, f"the fast receiver waited {fast_done:.1f} s behind the slow one"
+        assert [r["type"] for r in fast.received] == ["queue.started", "image.finished", "queue.finished"]
+        assert len(slow.received) == 8
+    finally:
+        await client.aclose()
+        for r in (slow, fast):
+            r.server.should_exit = True
+            r.thread.join(10)
+
+
+async def _ready(value: bool) -> bool:
+    return value
+
+
+async def _until(check: Any) -> None:
+    while not check():
+        await asyncio.sleep(0.05)
+
+
+async def test_two_workers_never_send_an_event_twice_or_move_the_cursor_back(redis_server: RedisServer) -> None:
+    """A round longer than the lease: the lease is renewed as events go out, and a stale holder is fenced off."""
+    from redis.asyncio import Redis
+
+    from app.services.queue.store import QueueStore
+    from app.services.queue.webhooks import WebhookDispatcher
+
+    slow = _start_receiver()
+    slow.delay = 0.5
+    client = Redis.from_url(fresh_redis_url(redis_server))
+    try:
+        store = QueueStore(client)
+        await _queue_with_events(store, "leased", 6, slow.url)  # 8 deliveries: 4 s, longer than a lease
+        events = [i for i, e in await store.events_after("leased", "0-0", 100)]
+        async with httpx.AsyncClient() as http:
+            dispatchers = [WebhookDispatcher(store, http, SECRET.encode(), allow_private=True, max_retry_seconds=60,
+                                             lease_ms=3000) for _ in range(2)]
+            async def sent_and_recorded() -> bool:
+                return (await store.webhook_job("leased"))["wh_cursor"] == events[-1]
+
+            await asyncio.gather(*(_dispatch(d, sent_and_recorded, 20) for d in dispatchers))
+            await asyncio.sleep(1.5)  # room for a duplicate to show up
+        ids = [r["event"]["id"] for r in slow.received]
+        assert len(ids) == len(set(ids)) == 8, ids
+        assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+        assert (await store.webhook_job("leased"))["wh_cursor"] == events[-1]
+    finally:
+        await client.aclose()
+        slow.server.should_exit = True
+        slow.thread.join(10)

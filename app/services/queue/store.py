@@ -563,8 +563,10 @@ class QueueStore:
         return int(seconds) * 1000 + int(micros) // 1000
 
     # -- webhooks ---------------------------------------------------------------------------
-    async def lease_webhooks(self, limit: int, lease_ms: int) -> list[str]:
-        return [_s(q) for q in await self._run("webhook_lease", limit, lease_ms)]
+    async def lease_webhooks(self, limit: int, lease_ms: int) -> list[tuple[str, int]]:
+        """Queues whose deliveries are due, each with the fencing token of this lease."""
+        res = await self._run("webhook_lease", limit, lease_ms)
+        return [(_s(res[i]), int(res[i + 1])) for i in range(0, len(res), 2)]
 
     async def webhook_job(self, queue_id: str) -> dict[str, str | None]:
         return await self.queue_fields(queue_id, ("webhook", "wh_cursor", "webhook_state", "user"))
@@ -574,12 +576,25 @@ class QueueStore:
         return [(_s(i), json.loads(f[b"d"])) for i, f in rows]
 
     async def webhook_progress(
-        self, queue_id: str, cursor: str, state: Mapping[str, Any], next_due_in_ms: int | None
-    ) -> None:
-        await self._run(
-            "webhook_progress", queue_id, cursor, json.dumps(dict(state)),
-            "" if next_due_in_ms is None else next_due_in_ms,
+        self,
+        queue_id: str,
+        token: int,
+        cursor: str,
+        state: Mapping[str, Any],
+        next_due_in_ms: int | None,
+        *,
+        hold_ms: int | None = None,
+    ) -> bool:
+        """Records how far deliveries got (the cursor only moves forward) and when they are next due;
+        with `hold_ms` the round goes on and the lease is extended that long. False when the lease was
+        lost to another worker: the caller must stop sending."""
+        due: str | int = "" if next_due_in_ms is None else next_due_in_ms
+        if hold_ms is not None:
+            due = "hold"
+        res = await self._run(
+            "webhook_progress", queue_id, token, cursor, json.dumps(dict(state)), due, hold_ms or 0
         )
+        return int(res) >= 0
 
     # -- events -----------------------------------------------------------------------------
     def queue_events_key(self, queue_id: str) -> str:

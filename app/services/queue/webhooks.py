@@ -34,7 +34,7 @@ from app.services.queue.store import QueueStore
 log = logging.getLogger("imagequeue.webhooks")
 
 LEASE_MS = 30_000
-BATCH_QUEUES = 16
+BATCH_QUEUES = 32  # queues one worker delivers to at once, each in a task of its own
 EVENTS_PER_ROUND = 100
 DELIVERY_TIMEOUT_SECONDS = 10.0
 MAX_BACKOFF_SECONDS = 300.0
@@ -103,7 +103,10 @@ def _pinned(url: str, address: Address) -> tuple[str, str, dict[str, Any]]:
 
 
 class WebhookDispatcher:
-    """Leases queues with due deliveries and sends their events in order."""
+    """Leases queues with due deliveries and sends each queue's events in order, every queue in a task of
+    its own (a slow receiver holds up only its own queue). The lease is renewed as each event goes out,
+    and a holder whose lease lapsed anyway is fenced off by the next one's token: no event is sent twice
+    by two workers at once, and the cursor never moves back."""
 
     def __init__(
         self,
@@ -113,23 +116,55 @@ class WebhookDispatcher:
         *,
         allow_private: bool,
         max_retry_seconds: float,
+        lease_ms: int = LEASE_MS,
+        max_queues: int = BATCH_QUEUES,
     ) -> None:
         self.store = store
         self.client = client
         self.secret = secret
         self.allow_private = allow_private
         self.max_retry_seconds = max_retry_seconds
+        self.lease_ms = lease_ms
+        self.max_queues = max_queues
+        self._rounds: dict[str, asyncio.Task[None]] = {}
 
     async def run_once(self) -> int:
-        queue_ids = await self.store.lease_webhooks(BATCH_QUEUES, LEASE_MS)
-        if queue_ids:
-            await asyncio.gather(*(self._deliver(qid) for qid in queue_ids), return_exceptions=True)
-        return len(queue_ids)
+        """Starts a round for each due queue there is room for; returns how many were started."""
+        room = self.max_queues - len(self._rounds)
+        if room <= 0:
+            return 0
+        leased = await self.store.lease_webhooks(room, self.lease_ms)
+        for queue_id, token in leased:
+            # Our own earlier round of this queue, if it is still here, lost its lease: the new token fences it.
+            task = asyncio.create_task(self._round(queue_id, token), name=f"webhooks-{queue_id}")
+            self._rounds[queue_id] = task
+            task.add_done_callback(lambda done, qid=queue_id: self._finished(qid, done))  # type: ignore[misc]
+        return len(leased)
 
-    async def _deliver(self, queue_id: str) -> None:
+    def _finished(self, queue_id: str, task: asyncio.Task[None]) -> None:
+        if self._rounds.get(queue_id) is task:
+            del self._rounds[queue_id]
+
+    async def aclose(self) -> None:
+        """Stops the rounds under way (their leases lapse and another worker goes on from the cursor)."""
+        rounds = list(self._rounds.values())
+        for task in rounds:
+            task.cancel()
+        await asyncio.gather(*rounds, return_exceptions=True)
+
+    async def _round(self, queue_id: str, token: int) -> None:
+        try:
+            await self._deliver(queue_id, token)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Redis away, or a bug: the lease lapses and the queue's deliveries are tried again.
+            log.warning("webhook round failed", exc_info=True, extra={"queue_id": queue_id})
+
+    async def _deliver(self, queue_id: str, token: int) -> None:
         job = await self.store.webhook_job(queue_id)
         if not job["webhook"]:
-            await self.store.webhook_progress(queue_id, job["wh_cursor"] or "0-0", {}, None)
+            await self.store.webhook_progress(queue_id, token, job["wh_cursor"] or "0-0", {}, None)
             return
         config = json.loads(job["webhook"])
         state: dict[str, Any] = json.loads(job["webhook_state"] or "{}")
@@ -145,7 +180,7 @@ class WebhookDispatcher:
             state.update(last_error=f"refused: {host} resolves to a private address", gave_up=True)
             events = await self.store.events_after(queue_id, cursor, 10_000)
             cursor = events[-1][0] if events else cursor
-            await self.store.webhook_progress(queue_id, cursor, state, None)
+            await self.store.webhook_progress(queue_id, token, cursor, state, None)
             return
         for event_id, event in await self.store.events_after(queue_id, cursor, EVENTS_PER_ROUND):
             kind = event_type(event)
@@ -162,7 +197,11 @@ class WebhookDispatcher:
                 state["last_error"] = None
                 state.pop("failing_since", None)
                 state.pop("next_attempt_at", None)
+                state["consecutive_failures"] = 0
                 cursor = event_id
+                # Each delivered event moves the cursor and renews the lease: a long round keeps its queue.
+                if not await self.store.webhook_progress(queue_id, token, cursor, state, None, hold_ms=self.lease_ms):
+                    return  # another worker holds the queue now and goes on from the cursor
                 continue
             state["last_error"] = error
             failing_since = state.setdefault("failing_since", now)
@@ -176,10 +215,10 @@ class WebhookDispatcher:
             state["consecutive_failures"] = failures
             delay = min(MAX_BACKOFF_SECONDS, 2 ** min(failures, 10)) * random.uniform(0.5, 1.0)
             state["next_attempt_at"] = now + int(delay * 1000)
-            await self.store.webhook_progress(queue_id, cursor, state, int(delay * 1000))
+            await self.store.webhook_progress(queue_id, token, cursor, state, int(delay * 1000))
             return
         state["consecutive_failures"] = 0
-        await self.store.webhook_progress(queue_id, cursor, state, None)
+        await self.store.webhook_progress(queue_id, token, cursor, state, None)
 
     async def _post(
         self, url: str, address: Address | None, event_id: str, kind: str, event: dict[str, Any]

@@ -202,10 +202,13 @@ class Duties:
 
     # -- webhooks -----------------------------------------------------------------------------
     async def webhooks(self, dispatcher: WebhookDispatcher) -> None:
-        while True:
-            try:
-                busy = await dispatcher.run_once()
-            except redis.RedisError as exc:
-                log.warning("webhook round failed: %s", exc, extra={"worker": self.name})
-                busy = 0
-            await asyncio.sleep(WEBHOOK_BUSY_POLL_SECONDS if busy else WEBHOOK_POLL_SECONDS)
+        try:
+            while True:
+                try:
+                    busy = await dispatcher.run_once()
+                except redis.RedisError as exc:
+                    log.warning("webhook lease failed: %s", exc, extra={"worker": self.name})
+                    busy = 0
+                await asyncio.sleep(WEBHOOK_BUSY_POLL_SECONDS if busy else WEBHOOK_POLL_SECONDS)
+        finally:
+            await dispatcher.aclose()
