@@ -59,7 +59,7 @@ class Config:
     images: int = 2000
     workers: int = 3
     concurrency: int = 8
-    kill_every: float = 4.0
+    kill_every: float = 6.0
     provider_latency: float = 0.05
     rates: dict[str, float] = field(default_factory=lambda: {"500": 0.05, "429": 0.02})
     ttl: int = 10
