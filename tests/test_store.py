@@ -219,3 +219,19 @@ async def test_retry_gives_the_user_keys_it_recreates_a_lifetime(store: QueueSto
     assert keys
     for key in keys:
         assert await store.redis.ttl(key) > 0, key
+
+
+async def test_status_of_a_queue_deleted_while_it_is_read_is_not_found(store: QueueStore) -> None:
+    """The status reads the queue, then its spec: a DELETE landing in between is a 404, not an IndexError."""
+    from app.core.errors import NotFound
+    from app.services.queue.status_view import StatusView, queue_status
+
+    await make(store, "gone", "u9", 3)
+    for claim in (await store.claim("w", ["m"], 3, {}, 60_000)).claims:
+        await store.complete(claim, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, blob=b"x", content_type="image/png")
+    meta, records = await store.snapshot("gone", None)
+    assert meta is not None and len(records) == 3
+    assert await store.delete("gone", "u9") == "deleted"  # lands between the two reads
+    view = StatusView(store, lambda qid, index, attempt: f"/images/{qid}/{index}")
+    with pytest.raises(NotFound):
+        await view.attach_images(queue_status("gone", meta), meta, records, 0, None)

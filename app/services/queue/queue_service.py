@@ -34,7 +34,7 @@ from app.services.queue.states import (
     QueueState,
     RetryOutcome,
 )
-from app.services.queue.status_view import ImageUrl, StatusView, page, queue_status, thumbnail_url
+from app.services.queue.status_view import ImageUrl, QueueGone, StatusView, page, queue_status, thumbnail_url
 from app.services.queue.store import QueueStore, user_key
 from app.services.queue.tickets import Tickets
 from app.services.queue.validation import check_create
@@ -322,7 +322,10 @@ class QueueService:
             st = queue_status(qid, meta)
             if images_limit != 0:
                 wanted = None if images_limit is None else range(min(images_limit, st.total))
-                await self.view.attach_images(st, meta, await self.store.records(qid, wanted), 0, images_limit)
+                try:
+                    await self.view.attach_images(st, meta, await self.store.records(qid, wanted), 0, images_limit)
+                except QueueGone:
+                    continue  # deleted while the page was read: no longer part of the history
             out.append(st)
         return out, len(rows)
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from app.core.errors import NotFound
 from app.models.queue import ImageResult, QueueStatus
 from app.services.queue.states import ImageStatus, Priority, QueueState
 from app.services.queue.store import QueueStore, Schedule
@@ -23,6 +24,10 @@ def thumbnail_url(image_url: str) -> str:
     path, _, query = image_url.partition("?")
     return f"{path}?thumb=1" + (f"&{query}" if query else "")
 """(queue id, index, attempt) -> the image's signed URL."""
+
+
+class QueueGone(NotFound):
+    """The queue vanished while its status was being read."""
 
 
 def iso(ms: str | int | None) -> str | None:
@@ -119,7 +124,10 @@ class StatusView:
         """Sets a page of the queue's images on `status`, from the records read with `meta`."""
         start, stop = page(status.total, offset, limit)
         spec_raw = await self.store.spec(status.queue_id)
-        spec: dict[str, Any] = json.loads(spec_raw) if spec_raw else {"prompts": [""], "count": 1, "seed": 0}
+        if spec_raw is None:
+            # Deleted (or expired) between reading the queue and its spec: it is gone now.
+            raise QueueGone("queue not found")
+        spec: dict[str, Any] = json.loads(spec_raw)
         cut = meta.get("cut") == "1"
         cursor = int(meta.get("cursor", 0))
         prompts: Sequence[str] = spec["prompts"]
