@@ -6,11 +6,13 @@ import io
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 from jose import jwt
 from PIL import Image
 
+from tests.conftest import Stack
 from tests.utils import TEST_SECRET, assert_counts_consistent, auth, new_user, token, wait_status
 
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -214,6 +216,34 @@ def test_lone_surrogate_in_any_create_field_is_422(client: httpx.Client) -> None
     assert r.status_code == 201, r.text
     assert r.json()["images"][0]["prompt"] == "a \U0001f98a"
     wait_status(client, headers, r.json()["queue_id"], {"completed"})
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_variables_expansion_bomb_is_refused_at_once_with_flat_memory(stack: Stack, client: httpx.Client) -> None:
+    """666 placeholders and a 1 MB value fit the body limit but would expand to ~700 MB: refused from the
+    value lengths, before anything is substituted."""
+    body = {"prompt": "{a}" * 666, "variables": {"a": ["x" * 1_000_000]}, "width": 64, "height": 64}
+    peak_before = _peak_rss_bytes(stack.api.proc.pid)
+    started = time.monotonic()
+    r = create(client, auth(new_user()), **body)
+    elapsed = time.monotonic() - started
+    assert r.status_code == 422, r.text[:300]
+    assert "longer than" in r.json()["detail"][0]["msg"]
+    assert elapsed < 1.0, elapsed
+    assert _peak_rss_bytes(stack.api.proc.pid) - peak_before < 64 * 1024 * 1024  # the body's copies, no more
+    # The bound is exact: the longest combination just within the limit is accepted.
+    ok = create(client, auth(new_user()), prompt="{a}-{b}", variables={"a": ["x" * 1000, "y"], "b": ["z" * 999]},
+                width=64, height=64)
+    assert ok.status_code == 201, ok.text[:300]
+    too_long = create(client, auth(new_user()), prompt="{a}-{b}", variables={"a": ["x" * 1001], "b": ["z" * 999]},
+                      width=64, height=64)
+    assert too_long.status_code == 422
 
 
 def test_unknown_and_foreign_queues_are_404(client: httpx.Client) -> None:

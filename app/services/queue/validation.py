@@ -9,6 +9,7 @@ import itertools
 import json
 import re
 import secrets
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,18 @@ def expand(req: CreateQueueRequest, settings: Settings) -> list[str]:
             raise Unprocessable(
                 f"variables expand to more than {s.max_variable_combinations} prompts", ("body", "variables")
             )
+    # The longest prompt the template can make, from the value lengths, before anything is built: a few
+    # placeholders and one long value fit the body limit yet would expand to hundreds of megabytes.
+    uses = Counter(_PLACEHOLDER.findall(template))
+    longest = len(_PLACEHOLDER.sub("", template)) + sum(
+        count * max(len(v) for v in variables[n]) for n, count in uses.items()
+    )
+    if longest > s.max_prompt_length:
+        raise Unprocessable(
+            f"the template with its longest values makes a prompt of {longest} characters, longer than "
+            f"{s.max_prompt_length} characters",
+            ("body", "variables"),
+        )
     prompts: list[str] = []
     for combo in itertools.product(*(variables[n] for n in names)):
         mapping = dict(zip(names, combo, strict=True))
