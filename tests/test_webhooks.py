@@ -267,3 +267,49 @@ async def test_two_workers_never_send_an_event_twice_or_move_the_cursor_back(red
         await client.aclose()
         slow.server.should_exit = True
         slow.thread.join(10)
+
+
+def test_malformed_webhook_urls_are_refused_at_create(redis_server: RedisServer) -> None:
+    env = service_env(fresh_redis_url(redis_server), WEBHOOK_SECRET=SECRET)
+    api, base = start_api(env)
+    headers = auth(new_user())
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            for url in ("http://h:99999/", "http://[::1/", "http://h:0/", "http://h:port/", "http://:80/",
+                        "http:///path", "https://exa mple.com/", "http://h\\x/", "http://user@/", "ftp://h/",
+                        "http://" + "a" * 64 + ".example.com/", "https://h:-1/"):
+                r = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "webhook_url": url})
+                assert r.status_code == 422, (url, r.status_code, r.text[:200])
+                assert r.json()["detail"][0]["loc"][-1] == "webhook_url", url
+            for url in ("https://hooks.example.com/in?x=1", "http://user:pw@hooks.example.com:8080/h",
+                        "https://[2001:db8::1]:8443/h", "https://bücher.example/h"):
+                r = client.post("/create-queue", headers=headers, json={
+                    "prompts": ["a"], "width": 64, "height": 64, "webhook_url": url})
+                assert r.status_code == 201, (url, r.text[:200])
+    finally:
+        api.stop()
+
+
+async def test_a_delivery_that_cannot_be_made_is_recorded_in_the_delivery_state(redis_server: RedisServer) -> None:
+    """A URL stored before create checked it fully (port out of range): the delivery state says why nothing
+    is sent, instead of the round failing silently every 30 s."""
+    from redis.asyncio import Redis
+
+    from app.services.queue.store import QueueStore
+    from app.services.queue.webhooks import WebhookDispatcher
+
+    client = Redis.from_url(fresh_redis_url(redis_server))
+    try:
+        store = QueueStore(client)
+        await _queue_with_events(store, "badport", 1, "http://127.0.0.1:99999/hook")
+        async with httpx.AsyncClient() as http:
+            dispatcher = WebhookDispatcher(store, http, SECRET.encode(), allow_private=True, max_retry_seconds=60)
+
+            async def recorded() -> bool:
+                return bool(json.loads((await store.webhook_job("badport"))["webhook_state"] or "{}").get("last_error"))
+
+            await _dispatch(dispatcher, recorded, 10)
+        state = json.loads((await store.webhook_job("badport"))["webhook_state"])
+        assert "port" in state["last_error"].lower() and state["gave_up"] is True
+    finally:
+        await client.aclose()

@@ -5,6 +5,7 @@ Each failure is an Unprocessable naming the field (`loc`) and saying what is wro
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import json
 import re
@@ -12,6 +13,7 @@ import secrets
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from app.core.config import Settings
 from app.core.errors import Unprocessable
@@ -134,12 +136,44 @@ def check_webhook(req: CreateQueueRequest, settings: Settings) -> dict[str, Any]
     url = req.webhook_url
     if not _HTTP_URL.match(url) or len(url) > MAX_WEBHOOK_URL_LENGTH:
         raise Unprocessable("webhook_url must be an http(s) URL", ("body", "webhook_url"))
+    problem = webhook_url_problem(url)
+    if problem:
+        raise Unprocessable(f"webhook_url is not a usable URL: {problem}", ("body", "webhook_url"))
     events = req.webhook_events or [e.value for e in WebhookEvent]
     known = {e.value for e in WebhookEvent}
     bad = [e for e in events if e not in known]
     if bad:
         raise Unprocessable(f"unknown webhook events {bad}; known: {sorted(known)}", ("body", "webhook_events"))
     return {"url": url, "events": events}
+
+
+def webhook_url_problem(url: str) -> str | None:
+    """What keeps a delivery to `url` from being made, checked as the worker will use it; None if nothing."""
+    if any(c.isspace() or ord(c) < 32 or c == "\\" for c in url):
+        return "it holds spaces, control characters or backslashes"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises for a port that is not a number in 0-65535
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https"):
+        return "the scheme must be http or https"
+    host = parts.hostname
+    if not host:
+        return "it names no host"
+    if port == 0:
+        return "port 0 cannot be connected to"
+    if ":" not in host:  # a name, or an IPv4 address: each label must be valid in DNS
+        try:
+            host.encode("idna")
+        except UnicodeError as exc:
+            return f"invalid host name ({exc})"
+    else:
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            return "invalid IPv6 address"
+    return None
 
 
 def _check_prompt(prompt: str, loc: tuple[str | int, ...], settings: Settings) -> None:

@@ -30,6 +30,7 @@ import httpx
 
 from app.services.queue.states import ImageStatus, QueueState, WebhookEvent
 from app.services.queue.store import QueueStore
+from app.services.queue.validation import webhook_url_problem
 
 log = logging.getLogger("imagequeue.webhooks")
 
@@ -174,10 +175,12 @@ class WebhookDispatcher:
         cursor = job["wh_cursor"] or "0-0"
         wanted = set(config.get("events") or [])
         url = config["url"]
-        host = urlsplit(url).hostname or ""
-        addresses = await asyncio.to_thread(_resolve, host)
-        if not self.allow_private and not all(webhook_address_allowed(a) for a in addresses):
-            state.update(last_error=f"refused: {host} resolves to a private address", gave_up=True)
+        problem = webhook_url_problem(url)  # a queue stored before create checked URLs fully
+        host = "" if problem else urlsplit(url).hostname or ""
+        addresses = [] if problem else await asyncio.to_thread(_resolve, host)
+        if problem or (not self.allow_private and not all(webhook_address_allowed(a) for a in addresses)):
+            error = f"invalid webhook URL: {problem}" if problem else f"refused: {host} resolves to a private address"
+            state.update(last_error=error, gave_up=True)
             events = await self.store.events_after(queue_id, cursor, 10_000)
             cursor = events[-1][0] if events else cursor
             await self.store.webhook_progress(queue_id, token, cursor, state, None)
@@ -247,7 +250,7 @@ class WebhookDispatcher:
                 target, content=body, headers=headers, timeout=DELIVERY_TIMEOUT_SECONDS, follow_redirects=False,
                 extensions=extensions,
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             return False, None, f"{type(exc).__name__}: {exc}"[:300]
         if 200 <= response.status_code < 300:
             return True, response.status_code, ""
