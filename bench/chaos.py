@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import redis
 
-from app.services.queue.store import PROVIDER_HEALTH_TTL_SECONDS
+from app.services.queue.store import PROVIDER_HEALTH_TTL_SECONDS, worker_key
 from bench.common import Proc, RedisServer, auth, free_port_proc, service_env, start_worker, wait_until
 from tests.provider_servers import ProviderServer
 
@@ -70,7 +70,7 @@ class Config:
 
     @classmethod
     def short(cls) -> Config:
-        return cls(images=400, kill_every=5.0, ttl=15, safety_ttl=300, submit_seconds=8.0, deadline=90.0)
+        return cls(images=400, kill_every=5.0, ttl=15, safety_ttl=300, submit_seconds=8.0, deadline=150.0)
 
 
 @dataclass
@@ -214,7 +214,7 @@ class Chaos(threading.Thread):
                     self._note(f"restarting {what}")
                     action()
                     self._note(f"{what} back")
-            if elapsed >= next_kill:
+            if elapsed >= next_kill and self._replacement_up():
                 next_kill = elapsed + self.config.kill_every
                 victim = self.rng.randrange(len(self.workers))
                 self.workers[victim].kill()
@@ -223,6 +223,15 @@ class Chaos(threading.Thread):
                 self.workers[victim] = start_worker(self.env, f"--concurrency={self.config.concurrency}",
                                                     name=f"chaos-{self._serial}")
                 self._note(f"killed -9 a worker, started chaos-{self._serial}")
+
+    def _replacement_up(self) -> bool:
+        """The worker started after the last kill has registered: kills never outpace start-ups (a fresh
+        worker needs seconds to start on a loaded machine), so there are always workers to do the work."""
+        try:
+            with redis.Redis(port=self.server.port, socket_timeout=2) as r:
+                return bool(r.exists(worker_key(f"chaos-{self._serial}"))) or self.kills == 0
+        except redis.RedisError:
+            return False
 
     def _restart_redis(self) -> None:
         self.server.kill()
