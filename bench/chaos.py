@@ -34,8 +34,9 @@ from typing import Any
 import httpx
 import redis
 
+from app.harness import start_api, start_worker
 from app.services.queue.store import PROVIDER_HEALTH_TTL_SECONDS, worker_key
-from bench.common import Proc, RedisServer, auth, free_port_proc, service_env, start_worker, wait_until
+from bench.common import LOG_DIR, Process, RedisServer, auth, free_port, service_env, wait_until
 from tests.provider_servers import ProviderServer
 
 MODEL = "chaos"
@@ -88,20 +89,12 @@ class Api:
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
-        self.port = free_port_proc()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        self.proc: Proc | None = None
+        self.proc: Process | None = None
 
     def start(self) -> None:
-        self.proc = Proc([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
-                          "--port", str(self.port), "--no-access-log"], self.env, "chaos-api")
-        wait_until(self._up, 60, 0.1, what="the API")
-
-    def _up(self) -> bool:
-        try:
-            return httpx.get(self.base + "/ready", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
+        self.proc, _ = start_api(self.env, port=self.port, timeout=60, log_dir=LOG_DIR)
 
     def restart(self) -> None:
         assert self.proc is not None
@@ -184,7 +177,7 @@ class User(threading.Thread):
 class Chaos(threading.Thread):
     """Kills a worker every `kill_every` seconds; restarts the API, Redis and the image store once each."""
 
-    def __init__(self, config: Config, env: dict[str, str], workers: list[Proc], api: Api, server: RedisServer,
+    def __init__(self, config: Config, env: dict[str, str], workers: list[Process], api: Api, server: RedisServer,
                  rng: random.Random) -> None:
         super().__init__(daemon=True, name="chaos")
         self.config, self.env, self.workers, self.api, self.server, self.rng = config, env, workers, api, server, rng
@@ -221,7 +214,7 @@ class Chaos(threading.Thread):
                 self.kills += 1
                 self._serial += 1
                 self.workers[victim] = start_worker(self.env, f"--concurrency={self.config.concurrency}",
-                                                    name=f"chaos-{self._serial}")
+                                                    name=f"chaos-{self._serial}", log_dir=LOG_DIR)
                 self._note(f"killed -9 a worker, started chaos-{self._serial}")
 
     def _replacement_up(self) -> bool:
@@ -325,17 +318,17 @@ def run(config: Config) -> Result:
     started = time.monotonic()
     with TemporaryDirectory() as tmp, ProviderServer("openai", latency=config.provider_latency,
                                                      fault_rates=config.rates, seed=config.seed) as provider:
-        server = RedisServer(Path(tmp) / "redis", appendonly=True).start()
+        server = RedisServer(Path(tmp) / "redis", appendonly=True, log_dir=LOG_DIR).start()
         env = service_env(server.url, IMAGE_PROVIDER="openai", IMAGE_PROVIDER_URL=provider.url, IMAGE_MODEL=MODEL,
                           QUEUE_TTL_SECONDS=config.ttl, QUEUE_SAFETY_TTL_SECONDS=config.safety_ttl,
                           MAX_IMAGE_ATTEMPTS=20, LOG_LEVEL="WARNING", PROVIDER_MAX_RETRIES=8,
                           IDEMPOTENCY_TTL_SECONDS=IDEMPOTENCY_TTL_SECONDS)
         api = Api(env)
-        workers: list[Proc] = []
+        workers: list[Process] = []
         chaos: Chaos | None = None
         try:
             api.start()
-            workers = [start_worker(env, f"--concurrency={config.concurrency}", name=f"chaos-{i}")
+            workers = [start_worker(env, f"--concurrency={config.concurrency}", name=f"chaos-{i}", log_dir=LOG_DIR)
                        for i in range(config.workers)]
             r = server.client()
             wait_until(lambda: httpx.get(api.base + "/health").json().get("workers") == config.workers, 60,

@@ -12,7 +12,7 @@ import httpx
 from jose import jwt
 from PIL import Image
 
-from tests.conftest import Stack
+from app.harness import Stack
 from tests.utils import TEST_SECRET, assert_counts_consistent, auth, new_user, token, wait_status
 
 TERMINAL = {"completed", "failed", "cancelled"}

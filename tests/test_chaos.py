@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.utils import ROOT
+from app.harness import ROOT
 
 
 @pytest.mark.timeout(300)

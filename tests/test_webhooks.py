@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.harness import free_port
+from app.harness import RedisServer, free_port
 from tests.utils import MakeStack, auth, new_user, wait_until
 
 SECRET = "whsec-test-0123456789"
@@ -205,7 +205,7 @@ async def test_a_slow_receiver_holds_up_no_other_queue(redis_server: RedisServer
 
     slow, fast = _start_receiver(), _start_receiver()
     slow.delay = 1.0
-    client = Redis.from_url(fresh_redis_url(redis_server))
+    client = Redis.from_url(redis_server.fresh_url())
     try:
         store = QueueStore(client)
         await _queue_with_events(store, "slowq", 6, slow.url)  # 8 deliveries of a second each
@@ -246,7 +246,7 @@ async def test_two_workers_never_send_an_event_twice_or_move_the_cursor_back(red
 
     slow = _start_receiver()
     slow.delay = 0.5
-    client = Redis.from_url(fresh_redis_url(redis_server))
+    client = Redis.from_url(redis_server.fresh_url())
     try:
         store = QueueStore(client)
         await _queue_with_events(store, "leased", 6, slow.url)  # 8 deliveries: 4 s, longer than a lease
@@ -269,25 +269,20 @@ async def test_two_workers_never_send_an_event_twice_or_move_the_cursor_back(red
         slow.thread.join(10)
 
 
-def test_malformed_webhook_urls_are_refused_at_create(redis_server: RedisServer) -> None:
-    env = service_env(fresh_redis_url(redis_server), WEBHOOK_SECRET=SECRET)
-    api, base = start_api(env)
+def test_malformed_webhook_urls_are_refused_at_create(make_stack: MakeStack) -> None:
     headers = auth(new_user())
-    try:
-        with httpx.Client(base_url=base, timeout=30) as client:
-            for url in ("http://h:99999/", "http://[::1/", "http://h:0/", "http://h:port/", "http://:80/",
-                        "http:///path", "https://exa mple.com/", "http://h\\x/", "http://user@/", "ftp://h/",
-                        "http://" + "a" * 64 + ".example.com/", "https://h:-1/"):
-                r = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "webhook_url": url})
-                assert r.status_code == 422, (url, r.status_code, r.text[:200])
-                assert r.json()["detail"][0]["loc"][-1] == "webhook_url", url
-            for url in ("https://hooks.example.com/in?x=1", "http://user:pw@hooks.example.com:8080/h",
-                        "https://[2001:db8::1]:8443/h", "https://bücher.example/h"):
-                r = client.post("/create-queue", headers=headers, json={
-                    "prompts": ["a"], "width": 64, "height": 64, "webhook_url": url})
-                assert r.status_code == 201, (url, r.text[:200])
-    finally:
-        api.stop()
+    with make_stack(0, WEBHOOK_SECRET=SECRET).client() as client:
+        for url in ("http://h:99999/", "http://[::1/", "http://h:0/", "http://h:port/", "http://:80/",
+                    "http:///path", "https://exa mple.com/", "http://h\\x/", "http://user@/", "ftp://h/",
+                    "http://" + "a" * 64 + ".example.com/", "https://h:-1/"):
+            r = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "webhook_url": url})
+            assert r.status_code == 422, (url, r.status_code, r.text[:200])
+            assert r.json()["detail"][0]["loc"][-1] == "webhook_url", url
+        for url in ("https://hooks.example.com/in?x=1", "http://user:pw@hooks.example.com:8080/h",
+                    "https://[2001:db8::1]:8443/h", "https://bücher.example/h"):
+            r = client.post("/create-queue", headers=headers, json={
+                "prompts": ["a"], "width": 64, "height": 64, "webhook_url": url})
+            assert r.status_code == 201, (url, r.text[:200])
 
 
 async def test_a_delivery_that_cannot_be_made_is_recorded_in_the_delivery_state(redis_server: RedisServer) -> None:
@@ -298,7 +293,7 @@ async def test_a_delivery_that_cannot_be_made_is_recorded_in_the_delivery_state(
     from app.services.queue.store import QueueStore
     from app.services.queue.webhooks import WebhookDispatcher
 
-    client = Redis.from_url(fresh_redis_url(redis_server))
+    client = Redis.from_url(redis_server.fresh_url())
     try:
         store = QueueStore(client)
         await _queue_with_events(store, "badport", 1, "http://127.0.0.1:99999/hook")
