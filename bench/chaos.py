@@ -367,7 +367,7 @@ def run(config: Config) -> Result:
             try:
                 wait_until(lambda: not [k for k in _scan(r) if k.startswith("iq:q:")], config.ttl + 30, 0.5,
                            what="queue keys to expire")
-            except AssertionError as exc:
+            except (AssertionError, TimeoutError) as exc:
                 result.problems.append(str(exc))
             _settle_expiry(r)
             left = [k for k in _scan(r) if k.startswith("iq:") and not _is_global(k)]

@@ -235,3 +235,12 @@ async def test_status_of_a_queue_deleted_while_it_is_read_is_not_found(store: Qu
     view = StatusView(store, lambda qid, index, attempt: f"/images/{qid}/{index}")
     with pytest.raises(NotFound):
         await view.attach_images(queue_status("gone", meta), meta, records, 0, None)
+
+
+async def test_a_late_lease_renewal_does_not_stretch_a_finished_queue(store: QueueStore) -> None:
+    """A heartbeat that read its leases just before the report finished the queue renews them after."""
+    await make(store, "fin", "u10", 1)
+    (claim,) = (await store.claim("w", ["m"], 1, {}, 60_000, safety_ttl=TTL)).claims
+    await store.complete(claim, Outcome.SUCCEEDED, ttl=30, user_ttl=60, blob=b"x", content_type="image/png")
+    await store.renew([claim.lease_member], 60_000, safety_ttl=10 * TTL)
+    assert 0 < await store.redis.ttl(f"{PREFIX}q:{{fin}}") <= 30

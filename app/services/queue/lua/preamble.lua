@@ -120,7 +120,9 @@ end
 -- A queue that is worked on keeps at least half its safety TTL ahead of it (and its user's keys with
 -- it): the safety TTL bounds how long a queue may sit untouched, not how long it may run.
 local function keep_alive(qid, uk, safety)
-  if redis.call('TTL', qkey(qid)) * 2 >= safety then return end
+  local q = qkey(qid)
+  -- A finished queue has its own, shorter lifetime (QUEUE_TTL): a late renewal must not stretch it.
+  if redis.call('TTL', q) * 2 >= safety or redis.call('HEXISTS', q, 'finished_at') == 1 then return end
   set_ttl(qid, safety)
   set_user_ttl(uk, safety)
 end
