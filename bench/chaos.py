@@ -103,9 +103,10 @@ class Api:
 
 
 def restart_image_store() -> str:
-    """The image store's restart. Images are kept in Redis while no external store is configured, so the
-    Redis restart covers them; once workers write to IMAGE_STORE, start it here and restart it."""
-    return "image store: bytes in Redis (restarted with Redis)"
+    """The image store's restart. The soak keeps image bytes in a directory of its own (IMAGE_STORE=file://),
+    which has nothing to restart; with an S3 store (tests/seaweedfs.py starts a private SeaweedFS), start
+    it in run() and kill and start it again here."""
+    return "image store: a local directory (nothing to restart)"
 
 
 class User(threading.Thread):
@@ -322,7 +323,7 @@ def run(config: Config) -> Result:
         env = service_env(server.url, IMAGE_PROVIDER="openai", IMAGE_PROVIDER_URL=provider.url, IMAGE_MODEL=MODEL,
                           QUEUE_TTL_SECONDS=config.ttl, QUEUE_SAFETY_TTL_SECONDS=config.safety_ttl,
                           MAX_IMAGE_ATTEMPTS=20, LOG_LEVEL="WARNING", PROVIDER_MAX_RETRIES=8,
-                          IDEMPOTENCY_TTL_SECONDS=IDEMPOTENCY_TTL_SECONDS)
+                          IDEMPOTENCY_TTL_SECONDS=IDEMPOTENCY_TTL_SECONDS, IMAGE_STORE=f"file://{tmp}/images")
         api = Api(env)
         workers: list[Process] = []
         chaos: Chaos | None = None

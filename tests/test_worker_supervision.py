@@ -23,7 +23,8 @@ from tests.utils import (
 )
 
 # Every background task of a worker, by the name the supervisor gives it (webhooks need WEBHOOK_SECRET).
-TASKS = ("reporter", "heartbeat", "reaper", "top-up", "cancel-poll", "cancel-listen", "webhooks")
+TASKS = ("reporter", "heartbeat", "reaper", "top-up", "cancel-poll", "cancel-listen", "webhooks", "store-watch",
+         "store-sweep")
 FAULTS_ENV = "IMAGEQUEUE_TEST_FAULTS"
 
 
