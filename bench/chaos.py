@@ -44,7 +44,7 @@ PRIORITIES = ("high", "normal", "low")
 TERMINAL = {"completed", "failed", "cancelled"}
 # Keys that live as long as the service (store.lua documents them); everything else under iq: expires.
 GLOBAL_KEYS = ("iq:leases", "iq:inflight", "iq:workers", "iq:stats", "iq:seq", "iq:wh:due", "iq:open",
-               "iq:open:n")
+               "iq:open:n", "iq:gc", "iq:store:readers")
 GLOBAL_PREFIXES = ("iq:pend:", "iq:s:")
 # Small keys with lifetimes of their own: users' indexes (QUEUE_TTL + safety TTL after their last queue),
 # idempotency keys, throughput buckets (2 min), provider health (1 h), back-off, worker presence.
