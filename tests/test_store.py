@@ -228,7 +228,7 @@ async def test_status_of_a_queue_deleted_while_it_is_read_is_not_found(store: Qu
 
     await make(store, "gone", "u9", 3)
     for claim in (await store.claim("w", ["m"], 3, {}, 60_000)).claims:
-        await store.complete(claim, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, blob=b"x", content_type="image/png")
+        await store.complete(claim, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, record=stored("x"))
     meta, records = await store.snapshot("gone", None)
     assert meta is not None and len(records) == 3
     assert await store.delete("gone", "u9") == "deleted"  # lands between the two reads
@@ -241,6 +241,6 @@ async def test_a_late_lease_renewal_does_not_stretch_a_finished_queue(store: Que
     """A heartbeat that read its leases just before the report finished the queue renews them after."""
     await make(store, "fin", "u10", 1)
     (claim,) = (await store.claim("w", ["m"], 1, {}, 60_000, safety_ttl=TTL)).claims
-    await store.complete(claim, Outcome.SUCCEEDED, ttl=30, user_ttl=60, blob=b"x", content_type="image/png")
+    await store.complete(claim, Outcome.SUCCEEDED, ttl=30, user_ttl=60, record=stored("x"))
     await store.renew([claim.lease_member], 60_000, safety_ttl=10 * TTL)
     assert 0 < await store.redis.ttl(f"{PREFIX}q:{{fin}}") <= 30

@@ -181,7 +181,8 @@ async def _queue_with_events(store: Any, qid: str, images: int, url: str) -> Non
         max_active=0)
     assert result.outcome == "created"
     for claim in (await store.claim("w", [qid], images, {}, 60_000)).claims:
-        await store.complete(claim, Outcome.SUCCEEDED, ttl=600, user_ttl=600, blob=b"x", content_type="image/png")
+        await store.complete(claim, Outcome.SUCCEEDED, ttl=600, user_ttl=600,
+                             record={"k": f"{qid}/0.png", "n": 1, "ct": "image/png", "v": "x"})
 
 
 ALL_EVENTS = ["queue.started", "image.finished", "queue.finished"]
