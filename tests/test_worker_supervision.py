@@ -24,7 +24,7 @@ from tests.utils import (
 
 # Every background task of a worker, by the name the supervisor gives it (webhooks need WEBHOOK_SECRET).
 TASKS = ("reporter", "heartbeat", "reaper", "top-up", "cancel-poll", "cancel-listen", "webhooks", "store-watch",
-         "store-sweep")
+         "store-sweep", "progress")
 FAULTS_ENV = "IMAGEQUEUE_TEST_FAULTS"
 
 

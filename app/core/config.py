@@ -95,6 +95,7 @@ class Settings(BaseSettings):
     worker_grace_seconds: float = Field(default=20.0, ge=0)
     worker_ticket_seconds: float = Field(default=20.0, gt=0)
     worker_cancel_poll_seconds: float = Field(default=0.5, gt=0)
+    worker_progress: bool = True  # step progress and previews from providers to status and events
     max_image_attempts: int = Field(default=3, ge=1)
 
     # Webhooks

@@ -107,6 +107,13 @@ class WorkerMetrics:
             "imagequeue_worker_images_total", "Images this worker finished", ["model", "status"], registry=r
         )
         self.in_flight = Gauge("imagequeue_worker_images_in_flight", "Images this worker is generating", registry=r)
+        self.progress_values = Counter(
+            "imagequeue_worker_progress_values_total",
+            "Step progress values from providers, by what became of them: written to Redis, stale (the image"
+            " had ended), dropped (Redis slow or failing), coalesced (a newer value came first)",
+            ["outcome"],
+            registry=r,
+        )
 
     def observer(self, model: str) -> Callable[[str, float], None]:
         def observe(kind: str, seconds: float) -> None:

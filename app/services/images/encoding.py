@@ -1,4 +1,4 @@
-"""Output formats and thumbnails: what is stored for one generated image.
+"""Output formats and thumbnails: what is stored for one generated image; and running images' previews.
 
 CPU-bound (Pillow), so callers run `encode` in a thread (`encode_async`), never on the event loop.
 The default keeps the provider's PNG byte for byte (no decode for the image itself); only the
@@ -8,8 +8,10 @@ thumbnail needs the pixels.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -20,6 +22,7 @@ CONTENT_TYPES: dict[str, str] = {"png": "image/png", "webp": "image/webp", "jpeg
 DEFAULT_QUALITY = 90  # for webp and jpeg when the request names none
 THUMBNAIL_PX = 256  # longest side
 THUMBNAIL_QUALITY = 75
+PREVIEW_QUALITY = 60  # a running image's preview: seen for a moment, replaced at the next step
 MAX_PIXELS = 64 * 1024 * 1024  # far past any configurable size: a provider's answer beyond it is refused
 
 
@@ -41,24 +44,40 @@ def encode(
 ) -> EncodedImage:
     """The image in `output_format` (the provider's bytes as they are when already in that format,
     unless a lossy quality was asked for), its size and, with `thumbnail`, a small WebP of it."""
+    with _reading(data, "image") as im:
+        width, height = im.size
+        source = (im.format or "").lower()
+        keep = source == output_format and (output_format == "png" or quality is None)
+        out, content_type = data, CONTENT_TYPES[output_format]
+        if not keep:
+            im.load()
+            out = _save(im, output_format, quality or DEFAULT_QUALITY)
+        thumb = _thumbnail(im) if thumbnail else None
+    return EncodedImage(out, content_type, width, height, thumb)
+
+
+def preview_webp(data: bytes) -> bytes:
+    """A running image's preview (PNG, JPEG or WebP from the provider) as a small WebP, at most
+    THUMBNAIL_PX on its longest side: what is kept of it and served, whatever the provider sent."""
+    with _reading(data, "preview") as im:
+        return _thumbnail(im, PREVIEW_QUALITY)
+
+
+@contextlib.contextmanager
+def _reading(data: bytes, what: str) -> Iterator[ImageFile.ImageFile]:
+    """The provider's bytes opened (not yet decoded), with Pillow's failures and oversized images
+    turned into ImageUnreadable."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             width, height = im.size
             if width * height > MAX_PIXELS:
-                raise ImageUnreadable(f"the provider's image is too large ({width}x{height})")
-            source = (im.format or "").lower()
-            keep = source == output_format and (output_format == "png" or quality is None)
-            out, content_type = data, CONTENT_TYPES[output_format]
-            if not keep:
-                im.load()
-                out = _save(im, output_format, quality or DEFAULT_QUALITY)
-            thumb = _thumbnail(im) if thumbnail else None
+                raise ImageUnreadable(f"the provider's {what} is too large ({width}x{height})")
+            yield im
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as exc:
-        raise ImageUnreadable(f"the provider's image could not be read: {exc}") from exc
-    return EncodedImage(out, content_type, width, height, thumb)
+        raise ImageUnreadable(f"the provider's {what} could not be read: {exc}") from exc
 
 
 async def encode_async(
@@ -79,12 +98,12 @@ def _save(im: Image.Image, fmt: OutputFormat, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _thumbnail(im: ImageFile.ImageFile) -> bytes:
+def _thumbnail(im: ImageFile.ImageFile, quality: int = THUMBNAIL_QUALITY) -> bytes:
     small: Image.Image = im if im.tile else im.copy()  # unloaded: decode straight into the small copy
     # Before the pixels are loaded, thumbnail() can have the decoder scale down (JPEG draft mode).
     small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.BICUBIC, reducing_gap=2.0)
     if small.mode not in ("RGB", "RGBA"):
         small = small.convert("RGBA" if "A" in small.getbands() else "RGB")
     buf = io.BytesIO()
-    small.save(buf, "WEBP", quality=THUMBNAIL_QUALITY, method=4)
+    small.save(buf, "WEBP", quality=quality, method=4)
     return buf.getvalue()

@@ -10,11 +10,15 @@ Key layout (every key imagequeue writes; {qid} in braces is the queue's id, {uk}
   iq:q:{qid}                 hash    queue meta and the five counts
   iq:q:{qid}:spec            string  immutable JSON spec (prompts, params, ...)
   iq:q:{qid}:img             hash    index -> JSON record of an image that has left "never claimed"
+                                     (a running image's step progress too, see lua/progress.lua)
+  iq:q:{qid}:pv:{index}      string  a running image's latest preview (WebP), PROGRESS_TTL_SECONDS
   iq:q:{qid}:retry           list    indexes to claim before the cursor (re-queued images)
   iq:q:{qid}:blob            hash    index -> image bytes
   iq:q:{qid}:ev              stream  the queue's events
   iq:u:{uk}:active / :hist   zset    the user's queue ids, unfinished / finished
   iq:u:{uk}:ev               stream  the user's events (capped at USER_EVENTS_MAXLEN)
+  iq:u:{uk}:prog             stream  the user's image.progress events: live only, capped at
+                                     PROGRESS_STREAM_MAXLEN, gone PROGRESS_TTL_SECONDS after the last
   iq:u:{uk}:stats            hash    the user's claimable images ("pending")
   iq:s:{model}:{prio}        zset    ring of users with claimable work (score = last served)
   iq:s:{model}:{prio}:{uk}   zset    ring of that user's queues
@@ -81,6 +85,10 @@ OPEN_SWEEP = 16  # unfinished queues the reaper checks for expiry each round
 DEFAULT_SAFETY_TTL_SECONDS = 7 * 86_400
 CANCEL_CHANNEL = PREFIX + "cancel"
 USER_EVENTS_MAXLEN = 10_000
+PREVIEW_KEY_SUFFIX = ":pv:"  # + index, after a queue's key
+PROGRESS_STREAM_SUFFIX = ":prog"  # after a user's key
+PROGRESS_TTL_SECONDS = 60  # a preview, and a user's progress stream, outlive their last write this long
+PROGRESS_STREAM_MAXLEN = 1000  # live only: a reader further behind than this has missed nothing that matters
 THROUGHPUT_BUCKET_MS = 10_000
 THROUGHPUT_WINDOW_BUCKETS = 6
 THROUGHPUT_BUCKET_TTL_SECONDS = 120  # outlives the window of THROUGHPUT_WINDOW_BUCKETS buckets
@@ -113,7 +121,8 @@ def _user(uk: str, suffix: str) -> str:
 
 
 LUA_DIR = Path(__file__).with_name("lua")
-LUA_FILES = ("create", "claim", "settle", "lifecycle", "webhooks", "summary", "workers")  # besides preamble.lua
+# Besides preamble.lua:
+LUA_FILES = ("create", "claim", "settle", "lifecycle", "webhooks", "summary", "workers", "progress")
 
 
 def _lua_constants() -> dict[str, Any]:
@@ -136,6 +145,8 @@ def _lua_constants() -> dict[str, Any]:
         "OPEN_SWEEP": OPEN_SWEEP,
         "CANCEL_CHANNEL": CANCEL_CHANNEL,
         "USER_EVENTS_MAXLEN": USER_EVENTS_MAXLEN,
+        "PREVIEW_KEY_SUFFIX": PREVIEW_KEY_SUFFIX,
+        "PROGRESS_STREAM_SUFFIX": PROGRESS_STREAM_SUFFIX,
         "THROUGHPUT_BUCKET_MS": THROUGHPUT_BUCKET_MS,
         "THROUGHPUT_BUCKET_TTL_SECONDS": THROUGHPUT_BUCKET_TTL_SECONDS,
         "PRIORITIES": tuple(Priority),  # in serving order
@@ -199,6 +210,16 @@ class Report:
     outcome: Outcome
     error: str = ""
     record: Mapping[str, Any] | None = None  # a succeeded image: where its bytes are (the image store)
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressNote:
+    """Where one running image is: `step` of `steps`, with a new preview (WebP) or None."""
+
+    claim: Claim
+    step: int
+    steps: int
+    preview: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,6 +503,22 @@ class QueueStore:
     async def inflight(self) -> dict[str, int]:
         raw = await self.redis.hgetall(INFLIGHT_KEY)
         return {_s(k): int(v) for k, v in raw.items()}
+
+    # -- step progress ------------------------------------------------------------------------
+    async def write_progress(self, notes: Sequence[ProgressNote]) -> int:
+        """Records running images' progress (one round trip); returns how many were still running."""
+        args: list[Any] = [PROGRESS_TTL_SECONDS, PROGRESS_STREAM_MAXLEN]
+        for n in notes:
+            args += [n.claim.queue_id, n.claim.index, n.claim.attempt, n.step, n.steps, n.preview or b""]
+        return int(await self._run("progress", *args))
+
+    async def preview(self, queue_id: str, index: int) -> bytes | None:
+        """A running image's latest preview (WebP), if it has one."""
+        value = await self.redis.get(queue_key(queue_id) + PREVIEW_KEY_SUFFIX + str(index))
+        return value.encode() if isinstance(value, str) else value
+
+    def progress_events_key(self, uk: str) -> str:
+        return _user(uk, PROGRESS_STREAM_SUFFIX.lstrip(":"))
 
     # -- provider health ----------------------------------------------------------------------
     async def record_provider(self, model: str, ok: bool, error: str = "") -> None:

@@ -7,6 +7,9 @@ local function settle(qid, idx, rec, outcome, err, now, ttl, user_ttl, obj)
   local q = qkey(qid)
   local m = meta(q)
   redis.call('ZREM', LEASES_KEY, qid .. '|' .. idx)
+  -- Progress belongs to the run that ends here (progress.lua).
+  if rec.pv then redis.call('DEL', q .. PREVIEW_KEY_SUFFIX .. idx) end
+  rec.ps, rec.pn, rec.pt, rec.pv = nil, nil, nil, nil
   if tonumber(redis.call('HINCRBY', INFLIGHT_KEY, m.model, -1)) < 0 then
     redis.call('HSET', INFLIGHT_KEY, m.model, 0)
   end

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -21,6 +22,7 @@ from app.services.providers.base import ImageRequest, ProviderError, ProviderRej
 from app.services.queue.states import Discarded, Outcome
 from app.services.queue.store import Claim, QueueStore
 from app.services.queue.worker.objects import ImageKeeper
+from app.services.queue.worker.progress import ProgressWriter
 from app.services.queue.worker.reporter import Reporter
 from app.services.queue.worker.slots import Running, Slots
 
@@ -46,6 +48,7 @@ class Execution:
         keeper: ImageKeeper,
         metrics: WorkerMetrics,
         worker_name: str,
+        progress: ProgressWriter | None = None,
     ) -> None:
         self.settings = settings
         self.catalog = catalog
@@ -56,6 +59,7 @@ class Execution:
         self.keeper = keeper
         self.metrics = metrics
         self.worker_name = worker_name
+        self.progress = progress  # None: nobody listens, providers report no progress
         self._specs: dict[str, dict[str, Any]] = {}
         self._health_noted: dict[tuple[str, bool], float] = {}
 
@@ -126,12 +130,17 @@ class Execution:
             request = self._request(claim, run.model, spec)
             if self.settings.log_prompts:
                 extra["prompt"] = request.prompt
+            if self.progress is not None:
+                request = dataclasses.replace(request, on_progress=self.progress.watch(claim))
             try:
                 image = await service.generate(request)
             except ProviderError as exc:
                 if not isinstance(exc, ProviderRejected) or exc.retryable:
                     await self._note_provider(run.model, False, exc.message)
                 raise
+            finally:
+                if self.progress is not None:
+                    self.progress.forget(claim)
             await self._note_provider(run.model, True)
             outcome, blob = Outcome.SUCCEEDED, image.data
             # Room to keep it while it uploads; a store that is down makes this wait, which stops

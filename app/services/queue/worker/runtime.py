@@ -26,6 +26,7 @@ from app.services.queue.worker.duties import Duties
 from app.services.queue.worker.execution import Execution
 from app.services.queue.worker.gate import StoreGate
 from app.services.queue.worker.objects import ImageKeeper
+from app.services.queue.worker.progress import PROGRESS_TIMEOUT_SECONDS, ProgressWriter
 from app.services.queue.worker.reporter import Reporter
 from app.services.queue.worker.slots import Slots
 from app.services.queue.worker.supervisor import Supervisor
@@ -37,6 +38,8 @@ CLAIM_RETRY_SECONDS = 1.0  # after a claim failed on Redis
 CAP_POLL_SECONDS = 0.05  # a concurrency cap stopped the claim: look again this soon
 REPORT_GRACE_SECONDS = 10.0  # on shutdown, how long finished images' reports may still take
 CLAIMABLE_TIMEOUT_SECONDS = 30
+PROVIDER_CLOSE_SECONDS = 5.0  # on shutdown, how long each provider may take to release what it holds
+PROGRESS_CLIENT_NAME = "imagequeue-progress"  # as CLIENT LIST shows the progress writer's connection
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -73,6 +76,7 @@ class WorkerRuntime:
         self.services: dict[str, ImageService] = {}
         self._execution: Execution
         self._redis: redis.asyncio.Redis
+        self._progress_redis: redis.asyncio.Redis | None = None
         self._http: httpx.AsyncClient
         self._tickets: Tickets
         self.images: ImageStore
@@ -158,6 +162,7 @@ class WorkerRuntime:
         await self.keeper.open()
         log.info("images go to %s", self.images.location, extra={"worker": self.name})
         reporter = Reporter(self.store, s, self.name)
+        progress = self._progress_writer() if s.worker_progress else None
         self._execution = Execution(
             settings=s,
             catalog=self.catalog,
@@ -168,6 +173,7 @@ class WorkerRuntime:
             keeper=self.keeper,
             metrics=self.metrics,
             worker_name=self.name,
+            progress=progress,
         )
         duties = Duties(
             settings=s,
@@ -184,8 +190,25 @@ class WorkerRuntime:
         supervisor = Supervisor(self.name)
         loops = {**duties.loops(), "reporter": reporter.run, "store-watch": self.keeper.watch,
                  "store-sweep": self.keeper.sweep}
+        if progress is not None:
+            loops["progress"] = progress.run
         for name, loop in loops.items():
             self._background.append(supervisor.start(name, loop))
+
+    def _progress_writer(self) -> ProgressWriter:
+        """Progress goes through a client of its own (one connection, a short timeout): a slow
+        Redis drops progress there and never holds up a connection that claims or reports need."""
+        s = self.settings
+        pool = redis.asyncio.BlockingConnectionPool.from_url(
+            s.effective_redis_url,
+            max_connections=1,
+            timeout=None,
+            socket_timeout=PROGRESS_TIMEOUT_SECONDS,
+            socket_connect_timeout=PROGRESS_TIMEOUT_SECONDS,
+            client_name=PROGRESS_CLIENT_NAME,
+        )
+        self._progress_redis = redis.asyncio.Redis(connection_pool=pool)
+        return ProgressWriter(QueueStore(self._progress_redis), self.metrics)
 
     def _service(self, model: ModelConfig) -> ImageService:
         s = self.settings
@@ -216,9 +239,16 @@ class WorkerRuntime:
             await self.store.unregister_worker(self.name)
         except redis.RedisError:
             pass
+        for name, service in self.services.items():
+            try:
+                await asyncio.wait_for(service.aclose(), PROVIDER_CLOSE_SECONDS)
+            except Exception:
+                log.warning("closing the provider of model %s failed", name, exc_info=True)
         await self._http.aclose()
         await self.images.aclose()
         await self._redis.aclose()
+        if self._progress_redis is not None:
+            await self._progress_redis.aclose()
 
     async def _drain(self, deadline: float) -> dict[str, int]:
         slots = self.slots

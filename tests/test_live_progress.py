@@ -1,0 +1,226 @@
+"""Step progress from a worker to Redis: throttled, coalesced, cleared when the image settles, and never at
+an image's expense when Redis is slow."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import httpx
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+
+from app.core.metrics import WorkerMetrics
+from app.services.providers.base import ImageRequest
+from app.services.providers.procedural import ProceduralProvider
+from app.services.providers.progress import Progress
+from app.services.queue.states import Outcome
+from app.services.queue.store import PROGRESS_TTL_SECONDS, Claim, ProgressNote, QueueStore, user_key
+from app.services.queue.worker.progress import ProgressWriter
+from tests.conftest import fresh_redis_url
+from tests.redis_proxy import StallingProxy
+from tests.utils import (
+    RedisServer,
+    auth,
+    free_port,
+    new_user,
+    service_env,
+    start_api,
+    start_worker,
+    wait_status,
+    wait_until,
+)
+
+TTL = 600
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[QueueStore]:
+    client = Redis.from_url(fresh_redis_url(redis_server))
+    yield QueueStore(client)
+    await client.aclose()
+
+
+async def running_image(store: QueueStore, qid: str = "q1", user: str = "alice", total: int = 1) -> Claim:
+    result = await store.create(
+        queue_id=qid, uk=user_key(user), fields={"model": "m", "priority": "normal", "total": total, "user": user},
+        spec=json.dumps({"prompts": ["p"], "count": total, "seed": 0}), safety_ttl=TTL, idempotency_key=None,
+        fingerprint="", idempotency_ttl=TTL, max_pending=0, max_active=0,
+    )
+    assert result.outcome == "created"
+    (claim,) = (await store.claim("w", ["m"], 1, {}, 10_000)).claims
+    return claim
+
+
+async def progress_events(store: QueueStore, user: str = "alice") -> list[dict[str, object]]:
+    rows = await store.redis.xrange(store.progress_events_key(user_key(user)))
+    return [json.loads(fields[b"d"]) for _, fields in rows]
+
+
+def png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 40, 40)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def counted(metrics: WorkerMetrics, outcome: str) -> float:
+    return metrics.registry.get_sample_value("imagequeue_worker_progress_values_total", {"outcome": outcome}) or 0.0
+
+
+# -- the store ----------------------------------------------------------------------------------------
+async def test_progress_lives_in_the_running_record_until_the_image_settles(store: QueueStore) -> None:
+    claim = await running_image(store)
+    assert await store.write_progress([ProgressNote(claim, 3, 10, b"webp-bytes")]) == 1
+    rec = (await store.records(claim.queue_id, [0]))[0]
+    assert (rec["ps"], rec["pn"], rec["pv"]) == (3, 10, 1) and rec["pt"] >= rec["t0"]
+    assert await store.preview(claim.queue_id, 0) == b"webp-bytes"
+    pv_key = f"iq:q:{{{claim.queue_id}}}:pv:0"
+    assert 0 < await store.redis.ttl(pv_key) <= PROGRESS_TTL_SECONDS
+    (event,) = await progress_events(store)
+    assert event | {"ts": 0} == {"type": "image.progress", "queue_id": claim.queue_id, "index": 0, "attempt": 1,
+                                 "step": 3, "steps": 10, "pv": 1, "ts": 0}
+    assert 0 < await store.redis.ttl(store.progress_events_key(user_key("alice"))) <= PROGRESS_TTL_SECONDS
+    # A write without a preview keeps the last one (and its lifetime).
+    assert await store.write_progress([ProgressNote(claim, 4, 10)]) == 1
+    assert (await store.records(claim.queue_id, [0]))[0]["pv"] == 1
+
+    await store.complete(claim, Outcome.SUCCEEDED, ttl=60, user_ttl=120, blob=b"png", content_type="image/png")
+    rec = (await store.records(claim.queue_id, [0]))[0]
+    assert not {"ps", "pn", "pt", "pv"} & rec.keys(), rec
+    assert await store.preview(claim.queue_id, 0) is None
+    # A late write (the worker's last value racing its report) is refused: nothing comes back.
+    assert await store.write_progress([ProgressNote(claim, 10, 10, b"late")]) == 0
+    assert await store.preview(claim.queue_id, 0) is None
+    assert len(await progress_events(store)) == 2
+
+
+async def test_progress_of_an_earlier_attempt_or_a_gone_queue_is_refused(store: QueueStore) -> None:
+    claim = await running_image(store)
+    stale = Claim(claim.queue_id, claim.index, claim.attempt + 1)
+    gone = Claim("nosuchqueue", 0, 1)
+    assert await store.write_progress([ProgressNote(stale, 1, 2), ProgressNote(gone, 1, 2)]) == 0
+    assert not await store.redis.exists("iq:q:{nosuchqueue}:img", "iq:q:{nosuchqueue}")
+
+
+# -- the writer ---------------------------------------------------------------------------------------
+async def test_writer_throttles_each_image_and_writes_the_latest_value(store: QueueStore) -> None:
+    claims = [await running_image(store, f"q{i}") for i in range(2)]
+    metrics = WorkerMetrics()
+    writer = ProgressWriter(store, metrics, interval=0.3)
+    task = asyncio.create_task(writer.run())
+    callbacks = [writer.watch(c) for c in claims]
+    big_preview = png(512, 384)
+    started = time.monotonic()
+    reported = 0
+    while time.monotonic() - started < 2.0:  # 2 s of a value every 5 ms per image, a preview in every 7th
+        reported += 1
+        for callback in callbacks:
+            callback(Progress(reported, 10_000, big_preview if reported % 7 == 0 else None, "image/png"))
+        await asyncio.sleep(0.005)
+    for c in claims:
+        writer.forget(c)
+    await asyncio.sleep(1.0)  # a write under way lands; nothing is left to start another
+    task.cancel()
+    events = await progress_events(store)
+    for claim in claims:
+        mine = [e for e in events if e["queue_id"] == claim.queue_id]
+        # At most one write per 0.3 s (less 10% slack to share round trips), the first after 0.3 s.
+        assert 2 <= len(mine) <= 7, mine
+        steps = [int(str(e["step"])) for e in mine]
+        assert steps == sorted(steps) and steps[-1] < reported, steps
+        gaps = [int(str(b["ts"])) - int(str(a["ts"])) for a, b in itertools.pairwise(mine)]
+        assert all(gap >= 250 for gap in gaps), gaps  # by Redis's clock
+        preview = await store.preview(claim.queue_id, claim.index)
+        assert preview is not None
+        with Image.open(io.BytesIO(preview)) as im:  # re-encoded small: 512x384 PNG -> 256x192 WebP
+            assert im.format == "WEBP" and im.size == (256, 192)
+    assert reported > 4 * len(events)  # coalesced: most values were never written
+    assert counted(metrics, "written") == len(events)
+    assert counted(metrics, "coalesced") == 2 * reported - len(events)
+    assert writer.round_trips < len(events)  # the two images share round trips
+
+
+async def test_image_shorter_than_the_interval_writes_nothing(store: QueueStore) -> None:
+    claim = await running_image(store)
+    metrics = WorkerMetrics()
+    writer = ProgressWriter(store, metrics, interval=0.5)
+    task = asyncio.create_task(writer.run())
+    provider = ProceduralProvider(latency_ms=100)
+    await provider.generate(ImageRequest("a fox", 1, 64, 64, params={"steps": 4}, on_progress=writer.watch(claim)))
+    writer.forget(claim)
+    await asyncio.sleep(0.6)
+    task.cancel()
+    assert await progress_events(store) == [] and writer.round_trips == 0
+    assert counted(metrics, "coalesced") == 4
+
+
+async def test_a_redis_that_never_answers_drops_progress_and_never_slows_the_image(
+    store: QueueStore, redis_server: RedisServer
+) -> None:
+    claim = await running_image(store)
+    with StallingProxy(redis_server.port, stall_all=True) as proxy:
+        stalled = Redis(port=proxy.port, socket_timeout=1.0, socket_connect_timeout=1.0)
+        metrics = WorkerMetrics()
+        writer = ProgressWriter(QueueStore(stalled), metrics, interval=0.05)
+        task = asyncio.create_task(writer.run())
+        provider = ProceduralProvider(latency_ms=800)
+        request = ImageRequest("a fox", 1, 256, 256, params={"steps": 16}, on_progress=writer.watch(claim))
+        started = time.monotonic()
+        image = await provider.generate(request)
+        elapsed = time.monotonic() - started
+        writer.forget(claim)
+        for _ in range(100):  # the write under way times out after a second
+            if counted(metrics, "dropped"):
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+        await stalled.aclose()
+    assert image.data.startswith(b"\x89PNG")
+    # The writes wait a second each for an answer that never comes; the image took its own 0.8 s.
+    assert elapsed < 1.4, elapsed
+    assert counted(metrics, "dropped") >= 1 and counted(metrics, "written") == 0
+    assert proxy.stalled >= 1
+
+
+# -- a worker process ---------------------------------------------------------------------------------
+def test_worker_whose_redis_stalls_progress_still_delivers_every_image_on_time(redis_server: RedisServer) -> None:
+    """The worker reaches Redis through a proxy that never answers its progress connection: every image
+    succeeds, none takes longer for it, and the worker counts the progress it dropped."""
+    url = fresh_redis_url(redis_server)
+    db = url.rsplit("/", 1)[1]
+    env = service_env(url)
+    api, base = start_api(env)
+    metrics_port = free_port()
+    latency_ms = 1500
+    with StallingProxy(redis_server.port, marker=b"imagequeue-progress") as proxy:
+        worker_env = {**env, "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/{db}"}
+        worker = start_worker(worker_env, "--concurrency=8", f"--metrics-port={metrics_port}")
+        headers = auth(new_user())
+        try:
+            with httpx.Client(base_url=base, timeout=30) as client:
+                wait_until(lambda: client.get("/health").json()["workers"] == 1, 30, what="the worker")
+                qid = client.post("/create-queue", headers=headers, json={
+                    "prompts": ["a fox"], "count": 8, "width": 128, "height": 128,
+                    "params": {"latency_ms": latency_ms, "steps": 12}}).json()["queue_id"]
+                done = wait_status(client, headers, qid, {"completed"})
+            metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        finally:
+            worker.stop()
+            api.stop()
+    assert done["succeeded"] == 8
+    for image in done["images"]:
+        took = (datetime.fromisoformat(image["finished_at"]) - datetime.fromisoformat(image["started_at"]))
+        # Each would take 2 s longer or more if the worker waited on its (1 s) progress writes.
+        assert took.total_seconds() < latency_ms / 1000 + 1.5, image
+        assert "progress" not in image or image["progress"] is None
+    found = {s.labels["outcome"]: s.value for f in text_string_to_metric_families(metrics)
+             for s in f.samples if s.name == "imagequeue_worker_progress_values_total"}
+    assert found.get("dropped", 0) >= 8 and found.get("written", 0) == 0, found
+    assert proxy.stalled >= 1
