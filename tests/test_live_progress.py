@@ -222,5 +222,5 @@ def test_worker_whose_redis_stalls_progress_still_delivers_every_image_on_time(r
         assert "progress" not in image or image["progress"] is None
     found = {s.labels["outcome"]: s.value for f in text_string_to_metric_families(metrics)
              for s in f.samples if s.name == "imagequeue_worker_progress_values_total"}
-    assert found.get("dropped", 0) >= 8 and found.get("written", 0) == 0, found
+    assert found.get("dropped", 0) >= 1 and found.get("written", 0) == 0, found
     assert proxy.stalled >= 1
