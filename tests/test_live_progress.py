@@ -18,32 +18,22 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from app.core.metrics import WorkerMetrics
+from app.harness import RedisServer, free_port, start_worker
 from app.services.providers.base import ImageRequest
 from app.services.providers.procedural import ProceduralProvider
 from app.services.providers.progress import Progress
 from app.services.queue.states import Outcome
 from app.services.queue.store import PROGRESS_TTL_SECONDS, Claim, ProgressNote, QueueStore, user_key
 from app.services.queue.worker.progress import ProgressWriter
-from tests.conftest import fresh_redis_url
 from tests.redis_proxy import StallingProxy
-from tests.utils import (
-    RedisServer,
-    auth,
-    free_port,
-    new_user,
-    service_env,
-    start_api,
-    start_worker,
-    wait_status,
-    wait_until,
-)
+from tests.utils import LOG_DIR, MakeStack, auth, new_user, wait_status
 
 TTL = 600
 
 
 @pytest.fixture
 async def store(redis_server: RedisServer) -> AsyncIterator[QueueStore]:
-    client = Redis.from_url(fresh_redis_url(redis_server))
+    client = Redis.from_url(redis_server.fresh_url())
     yield QueueStore(client)
     await client.aclose()
 
@@ -91,7 +81,7 @@ async def test_progress_lives_in_the_running_record_until_the_image_settles(stor
     assert await store.write_progress([ProgressNote(claim, 4, 10)]) == 1
     assert (await store.records(claim.queue_id, [0]))[0]["pv"] == 1
 
-    await store.complete(claim, Outcome.SUCCEEDED, ttl=60, user_ttl=120, blob=b"png", content_type="image/png")
+    await store.complete(claim, Outcome.SUCCEEDED, ttl=60, user_ttl=120, record={"k": "q1/0.png"})
     rec = (await store.records(claim.queue_id, [0]))[0]
     assert not {"ps", "pn", "pt", "pv"} & rec.keys(), rec
     assert await store.preview(claim.queue_id, 0) is None
@@ -190,30 +180,28 @@ async def test_a_redis_that_never_answers_drops_progress_and_never_slows_the_ima
 
 
 # -- a worker process ---------------------------------------------------------------------------------
-def test_worker_whose_redis_stalls_progress_still_delivers_every_image_on_time(redis_server: RedisServer) -> None:
+def test_worker_whose_redis_stalls_progress_still_delivers_every_image_on_time(
+    redis_server: RedisServer, make_stack: MakeStack
+) -> None:
     """The worker reaches Redis through a proxy that never answers its progress connection: every image
     succeeds, none takes longer for it, and the worker counts the progress it dropped."""
-    url = fresh_redis_url(redis_server)
-    db = url.rsplit("/", 1)[1]
-    env = service_env(url)
-    api, base = start_api(env)
+    stack = make_stack(workers=0)
+    db = stack.redis_url.rsplit("/", 1)[1]
     metrics_port = free_port()
     latency_ms = 1500
     with StallingProxy(redis_server.port, marker=b"imagequeue-progress") as proxy:
-        worker_env = {**env, "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/{db}"}
-        worker = start_worker(worker_env, "--concurrency=8", f"--metrics-port={metrics_port}")
+        worker_env = {**stack.env, "REDIS_URL": f"redis://127.0.0.1:{proxy.port}/{db}"}
+        stack.workers.append(start_worker(worker_env, "--concurrency=8", f"--metrics-port={metrics_port}",
+                                          log_dir=LOG_DIR))
+        stack.wait_for_workers(1)
         headers = auth(new_user())
-        try:
-            with httpx.Client(base_url=base, timeout=30) as client:
-                wait_until(lambda: client.get("/health").json()["workers"] == 1, 30, what="the worker")
-                qid = client.post("/create-queue", headers=headers, json={
-                    "prompts": ["a fox"], "count": 8, "width": 128, "height": 128,
-                    "params": {"latency_ms": latency_ms, "steps": 12}}).json()["queue_id"]
-                done = wait_status(client, headers, qid, {"completed"})
-            metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-        finally:
-            worker.stop()
-            api.stop()
+        with stack.client() as client:
+            qid = client.post("/create-queue", headers=headers, json={
+                "prompts": ["a fox"], "count": 8, "width": 128, "height": 128,
+                "params": {"latency_ms": latency_ms, "steps": 12}}).json()["queue_id"]
+            done = wait_status(client, headers, qid, {"completed"})
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        stack.stop()
     assert done["succeeded"] == 8
     for image in done["images"]:
         took = (datetime.fromisoformat(image["finished_at"]) - datetime.fromisoformat(image["started_at"]))
