@@ -29,6 +29,7 @@ class StallingProxy:
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
         self._thread = threading.Thread(target=self._run, name="redis-proxy", daemon=True)
 
     def __enter__(self) -> StallingProxy:
@@ -58,9 +59,18 @@ class StallingProxy:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in self._writers:
+            writer.close()
+        await asyncio.sleep(0.05)  # the transports finish closing
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers.add(client_w)
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            client_w.close()
+            return
+        self._writers.add(server_w)
         stalled = asyncio.Event()
 
         async def upstream() -> None:
@@ -91,3 +101,4 @@ class StallingProxy:
                 writer.close()
                 with contextlib.suppress(Exception):
                     await writer.wait_closed()
+                self._writers.discard(writer)
