@@ -124,7 +124,7 @@ async def test_writer_throttles_each_image_and_writes_the_latest_value(store: Qu
         # At most one write per 0.3 s (less 10% slack to share round trips), the first after 0.3 s.
         assert 2 <= len(mine) <= 7, mine
         steps = [int(str(e["step"])) for e in mine]
-        assert steps == sorted(steps) and steps[-1] < reported, steps
+        assert steps == sorted(steps) and steps[-1] <= reported, steps
         gaps = [int(str(b["ts"])) - int(str(a["ts"])) for a, b in itertools.pairwise(mine)]
         assert all(gap >= 250 for gap in gaps), gaps  # by Redis's clock
         preview = await store.preview(claim.queue_id, claim.index)
