@@ -30,7 +30,7 @@ from app.core.errors import install_error_handlers
 from app.core.local_auth import LocalSecret, with_local_secret
 from app.core.logging import configure_logging
 from app.core.metrics import ApiMetrics, install_metrics
-from app.core.security import TokenCache, sign_image, signature_expiry
+from app.core.security import TokenCache, sign_image
 from app.routers import events, generate, health, images, metrics, models, queues
 from app.services.images import open_store
 from app.services.images.serving import ImageServer
@@ -170,9 +170,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         async_client, sync_client = redis_clients(settings)
         store = QueueStore(async_client)
 
-        def image_url(queue_id: str, index: int, attempt: int) -> str:
-            exp = signature_expiry(settings)
-            return f"/images/{queue_id}/{index}?exp={exp}&sig={sign_image(settings, queue_id, index, attempt, exp)}"
+        def image_url(queue_id: str, index: int, attempt: int, expires: int) -> str:
+            signature = sign_image(settings, queue_id, index, attempt, expires)
+            return f"/images/{queue_id}/{index}?exp={expires}&sig={signature}"
 
         try:
             image_store = open_store(settings, async_client)

@@ -7,10 +7,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
 
+from app.core.conditional import if_none_match, not_modified, tagged
 from app.core.errors import Unprocessable
 from app.core.security import CurrentUser
 from app.models.queue import CreateQueueRequest, HistoryPage, QueueList, QueueStatus, RetryRequest
 from app.routers.deps import COMMON_RESPONSES, CREATE_RESPONSES, Service
+from app.services.queue.queue_service import Tagged
 from app.services.queue.states import QueueState
 
 router = APIRouter(tags=["queues"], responses=COMMON_RESPONSES)
@@ -18,6 +20,9 @@ log = logging.getLogger("imagequeue.api")
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown queue, or someone else's"}}
+_NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "Not modified: If-None-Match names the answer's current ETag (every 200 carries one)"}
+}
 
 
 @router.post(
@@ -48,18 +53,21 @@ async def create_queue(
     return result
 
 
-@router.get("/queue-status/{queue_id}", response_model=QueueStatus, responses=_NOT_FOUND)
+@router.get("/queue-status/{queue_id}", response_model=QueueStatus, responses={**_NOT_FOUND, **_NOT_MODIFIED})
 async def queue_status(
     queue_id: str,
+    request: Request,
     user: CurrentUser,
     service: Service,
     images_offset: Annotated[int, Query(ge=0)] = 0,
     images_limit: Annotated[int | None, Query(ge=0, description="0 = counts only; omitted = all")] = None,
 ) -> QueueStatus:
-    """A queue's status, counts, position, ETA and (a page of) its images."""
-    status = await service.status(user.id, queue_id, images_offset=images_offset, images_limit=images_limit)
-    # The hot polling path: serialise once, skipping FastAPI's re-validation of the return value.
-    return Response(status.model_dump_json(), media_type="application/json")  # type: ignore[return-value]
+    """A queue's status, counts, position, ETA and (a page of) its images; 304 while If-None-Match names it."""
+    answer = await service.status_answer(
+        user.id, queue_id, images_offset=images_offset, images_limit=images_limit, known=_known(request)
+    )
+    # The hot polling path: the service's bytes go out as they are (no re-validation of its own data).
+    return _tagged(answer)  # type: ignore[return-value]
 
 
 @router.post(
@@ -100,14 +108,15 @@ async def delete_queue(queue_id: str, user: CurrentUser, service: Service) -> Re
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/active-queues", response_model=QueueList, response_model_exclude_none=False)
-async def active_queues(user: CurrentUser, service: Service) -> QueueList:
+@router.get("/active-queues", response_model=QueueList, responses=_NOT_MODIFIED)
+async def active_queues(request: Request, user: CurrentUser, service: Service) -> QueueList:
     """The user's queues that have not finished, newest first (without images)."""
-    return QueueList(queues=await service.active(user.id))
+    return _tagged(await service.active_answer(user.id, _known(request)))  # type: ignore[return-value]
 
 
-@router.get("/history", response_model=HistoryPage)
+@router.get("/history", response_model=HistoryPage, responses=_NOT_MODIFIED)
 async def history(
+    request: Request,
     user: CurrentUser,
     service: Service,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -120,7 +129,17 @@ async def history(
     ] = None,
 ) -> HistoryPage:
     """The user's finished queues within the TTL, newest first, with their images."""
-    queues, total = await service.history(
-        user.id, limit=limit, offset=offset, status=status, tag=tag, search=search, images_limit=images_limit
+    answer = await service.history_answer(
+        user.id, limit=limit, offset=offset, status=status, tag=tag, search=search, images_limit=images_limit,
+        known=_known(request),
     )
-    return HistoryPage(queues=queues, total=total)
+    return _tagged(answer)  # type: ignore[return-value]
+
+
+def _known(request: Request) -> list[str] | None:
+    """The tags of the copies the client holds (If-None-Match)."""
+    return if_none_match(request.headers.get("if-none-match"))
+
+
+def _tagged(answer: Tagged) -> Response:
+    return not_modified(answer.etag) if answer.body is None else tagged(answer.body, answer.etag)

@@ -13,13 +13,16 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
+from app.core.conditional import known_versions, matches
 from app.core.config import Settings
 from app.core.errors import Conflict, NotFound, TooManyRequests, Unprocessable
-from app.core.security import check_image_signature, image_signature_current
+from app.core.security import check_image_signature, image_signature_current, signature_expiry
 from app.models.queue import CreateQueueRequest, GenerateRequest, QueueStatus
 from app.services.images import StoreError, queue_prefix
 from app.services.images.serving import ImageObject, ImageServer
@@ -34,7 +37,7 @@ from app.services.queue.states import (
     QueueState,
     RetryOutcome,
 )
-from app.services.queue.status_view import ImageUrl, QueueGone, StatusView, page, queue_status, thumbnail_url
+from app.services.queue.status_view import ImageUrl, StatusView, last_index, summary, thumbnail_url
 from app.services.queue.store import QueueStore, user_key
 from app.services.queue.tickets import Tickets
 from app.services.queue.validation import check_create
@@ -43,7 +46,6 @@ log = logging.getLogger("imagequeue.api")
 
 _QUEUE_ID = re.compile(r"^[0-9a-f]{32}$")
 ADMISSION_RETRY_AFTER_SECONDS = 30  # Retry-After of a create refused by the per-user limits
-SNAPSHOT_ALL_ABOVE = 256  # a page of more images reads all the records at once
 EVENTS_BLOCK_MS = 1000  # how long one read of a live event stream waits for news
 EVENTS_BATCH = 500
 WAIT_EVENTS_BATCH = 100
@@ -76,6 +78,14 @@ class QueueEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Tagged:
+    """An answer and its entity tag; `body` is None when the caller's copy (named by its tag) is current."""
+
+    etag: str
+    body: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
 class ImageSignature:
     """The `exp` and `sig` of a signed image URL."""
 
@@ -99,9 +109,8 @@ class QueueService:
         self.tickets = tickets
         self.settings = settings
         self.catalog = catalog
-        self.image_url = image_url
         self.images = images
-        self.view = StatusView(store, image_url)
+        self.view = StatusView(store, image_url, settings.signing_key)
 
     # -- create -----------------------------------------------------------------------------
     async def create(
@@ -248,43 +257,71 @@ class QueueService:
         if data.get("type") == "image" and data.get("status") == ImageStatus.SUCCEEDED:
             attempt = int(data.get("attempt", 0))
             if attempt:
-                data["url"] = self.image_url(data["queue_id"], int(data["index"]), attempt)
+                expires = signature_expiry(self.settings)
+                data["url"] = self.view.image_url(data["queue_id"], int(data["index"]), attempt, expires)
                 data["thumbnail_url"] = thumbnail_url(data["url"])
         return data
 
     async def status(
         self, user_id: str, queue_id: str, *, images_offset: int = 0, images_limit: int | None = None
     ) -> QueueStatus:
+        """A queue's status as a model (the routes that answer one now and then)."""
+        _, status = await self._status(user_id, queue_id, images_offset, images_limit, None)
+        assert status is not None
+        return QueueStatus.model_validate(status)
+
+    async def status_answer(
+        self,
+        user_id: str,
+        queue_id: str,
+        *,
+        images_offset: int = 0,
+        images_limit: int | None = None,
+        known: Sequence[str] | None = None,
+    ) -> Tagged:
+        """A queue's status as JSON with its ETag; no body when `known` (the tags the caller holds)
+        names it, and then no image record is read."""
+        etag, status = await self._status(user_id, queue_id, images_offset, images_limit, known)
+        return Tagged(etag, None if status is None else orjson.dumps(status))
+
+    async def _status(
+        self, user_id: str, queue_id: str, offset: int, limit: int | None, known: Sequence[str] | None
+    ) -> tuple[str, dict[str, Any] | None]:
         if not valid_queue_id(queue_id):
             raise NotFound(QUEUE_NOT_FOUND)
-        found_summary = await self.store.summary(queue_id)
-        summary_meta = _owned(found_summary[0] if found_summary else None, user_id)
-        schedule = found_summary[1] if found_summary else None
-        if images_limit == 0:
-            return await self.view.with_warnings(queue_status(queue_id, summary_meta, schedule))
-        total = int(await self.store.queue_field(queue_id, "total") or 0)
-        start, stop = page(total, images_offset, images_limit)
-        indexes = list(range(start, stop))
-        found, records = await self.store.snapshot(queue_id, None if len(indexes) > SNAPSHOT_ALL_ABOVE else indexes)
-        meta = _owned(found, user_id)
-        status = queue_status(queue_id, meta, schedule)
-        await self.view.attach_images(status, meta, records, images_offset, images_limit)
-        return await self.view.with_warnings(status)
+        last = last_index(offset, limit)
+        expires = signature_expiry(self.settings) if last >= 0 else 0
+        versions = known_versions(known)
+        with_spec = not self.view.knows_spec(queue_id)
+        while True:
+            read = await self.store.status_read(queue_id, offset, last, versions, with_spec=with_spec)
+            meta = _owned(read.meta if read else None, user_id)
+            assert read is not None
+            status = await self.view.add_warnings(summary(queue_id, meta, read.schedule))
+            # The tag covers the summary as sent (position, ETA and warnings are not in the version),
+            # the page asked for and the URLs' expiry.
+            etag = self.view.etag(read.version, orjson.dumps(status), offset, limit, expires)
+            if matches(known, etag):
+                return etag, None
+            if read.complete:
+                break
+            versions = []  # the version was known but the answer moved on (ETA, URL expiry): read it all
+        if last >= 0:
+            spec = self.view.spec(queue_id, read.spec)
+            self.view.attach_images(status, meta, spec, read.records, offset, limit, expires)
+        return etag, status
 
-    async def active(self, user_id: str) -> list[QueueStatus]:
+    async def active_answer(self, user_id: str, known: Sequence[str] | None = None) -> Tagged:
+        """The user's unfinished queues, newest first, as JSON with its ETag (one round trip)."""
         uk = user_key(user_id)
-        ids = await self.store.user_queue_ids(uk, "active")
-        out, gone = [], []
-        for qid in ids:
-            found = await self.store.summary(qid)
-            if found is None:
-                gone.append(qid)
-            elif not found[0].get("finished_at"):
-                out.append(queue_status(qid, *found))
+        found, gone = await self.store.summaries(uk)
         await self.store.forget(uk, "active", gone)
-        return out
+        queues = [summary(qid, meta, schedule) for qid, meta, schedule in found if not meta.get("finished_at")]
+        body = orjson.dumps({"queues": queues})
+        etag = self.view.etag(0, body)  # position and ETA move without a version: the answer is the tag
+        return Tagged(etag, None if matches(known, etag) else body)
 
-    async def history(
+    async def history_answer(
         self,
         user_id: str,
         *,
@@ -294,8 +331,30 @@ class QueueService:
         tag: str | None = None,
         search: str | None = None,
         images_limit: int | None = None,
-    ) -> tuple[list[QueueStatus], int]:
+        known: Sequence[str] | None = None,
+    ) -> Tagged:
+        """The user's finished queues within the TTL, as JSON with its ETag; no body when `known`
+        names it, and then only the version of the user's queues is read."""
         uk = user_key(user_id)
+        version, count = await self.store.history_version(uk, self.settings.queue_ttl_seconds)
+        expires = signature_expiry(self.settings) if images_limit != 0 else 0
+        etag = self.view.etag(version, count, limit, offset, status, tag, search, images_limit, expires)
+        if matches(known, etag):
+            return Tagged(etag, None)
+        queues, total = await self._history(uk, limit, offset, status, tag, search, images_limit, expires)
+        return Tagged(etag, orjson.dumps({"queues": queues, "total": total}))
+
+    async def _history(
+        self,
+        uk: str,
+        limit: int,
+        offset: int,
+        status: QueueState | None,
+        tag: str | None,
+        search: str | None,
+        images_limit: int | None,
+        expires: int,
+    ) -> tuple[list[dict[str, Any]], int]:
         horizon = await self.store.server_time_ms() - self.settings.queue_ttl_seconds * 1000
         ids = await self.store.user_queue_ids(uk, "hist", min_score=horizon)
         metas = await self.store.metas(ids)
@@ -307,26 +366,26 @@ class QueueService:
             rows = [(q, m) for q, m in rows if tag in json.loads(m.get("tags", "[]"))]
         if search:
             needle = search.casefold()
-            kept = []
-            for qid, m in rows:
-                if needle in m.get("name", "").casefold():
-                    kept.append((qid, m))
+            unnamed = [qid for qid, m in rows if needle not in m.get("name", "").casefold()]
+            unknown = [qid for qid in unnamed if not self.view.knows_spec(qid)]
+            raw = dict(zip(unknown, await self.store.specs(unknown), strict=True))
+            missed = {
+                qid for qid in unnamed
+                if not any(needle in p.casefold() for p in self.view.spec(qid, raw.get(qid))["prompts"])
+            }
+            rows = [(qid, m) for qid, m in rows if qid not in missed]
+        shown = rows[offset : offset + limit]
+        out = [summary(qid, meta) for qid, meta in shown]
+        gone: set[str] = set()
+        if images_limit != 0 and shown:
+            details = await self.store.page_details([qid for qid, _ in shown], images_limit)
+            for st, (qid, meta), (raw_spec, records) in zip(out, shown, details, strict=True):
+                if raw_spec is None and not self.view.knows_spec(qid):
+                    gone.add(qid)  # deleted while the page was read: no longer part of the history
                     continue
-                spec = await self.store.spec(qid)
-                if spec and any(needle in p.casefold() for p in json.loads(spec)["prompts"]):
-                    kept.append((qid, m))
-            rows = kept
-        page = rows[offset : offset + limit]
-        out = []
-        for qid, meta in page:
-            st = queue_status(qid, meta)
-            if images_limit != 0:
-                wanted = None if images_limit is None else range(min(images_limit, st.total))
-                try:
-                    await self.view.attach_images(st, meta, await self.store.records(qid, wanted), 0, images_limit)
-                except QueueGone:
-                    continue  # deleted while the page was read: no longer part of the history
-            out.append(st)
+                spec = self.view.spec(qid, raw_spec)
+                self.view.attach_images(st, meta, spec, records, 0, images_limit, expires)
+            out = [st for st in out if st["queue_id"] not in gone]
         return out, len(rows)
 
     # -- change -----------------------------------------------------------------------------

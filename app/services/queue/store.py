@@ -7,7 +7,7 @@ the five counts always add up to `total`. The scripts are in lua/, one file per 
 shared constants are generated from the definitions below (see _lua_constants).
 
 Key layout (every key imagequeue writes; {qid} in braces is the queue's id, {uk} a user_key()):
-  iq:q:{qid}                 hash    queue meta and the five counts
+  iq:q:{qid}                 hash    queue meta, the five counts, and VERSION_FIELD (bumped by every change)
   iq:q:{qid}:spec            string  immutable JSON spec (prompts, params, ...)
   iq:q:{qid}:img             hash    index -> JSON record of an image that has left "never claimed"
                                      (a running image's step progress too, see lua/progress.lua)
@@ -20,6 +20,7 @@ Key layout (every key imagequeue writes; {qid} in braces is the queue's id, {uk}
   iq:u:{uk}:prog             stream  the user's image.progress events: live only, capped at
                                      PROGRESS_STREAM_MAXLEN, gone PROGRESS_TTL_SECONDS after the last
   iq:u:{uk}:stats            hash    the user's claimable images ("pending")
+  iq:u:{uk}:version          int     bumped by every change of the user's queues (history's ETag)
   iq:s:{model}:{prio}        zset    ring of users with claimable work (score = last served)
   iq:s:{model}:{prio}:{uk}   zset    ring of that user's queues
   iq:seq                     int     the rings' serving order
@@ -49,7 +50,7 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ from app.services.queue.states import (
 
 PREFIX = "iq:"
 QUEUE_KEY_SUFFIXES = ("", ":spec", ":img", ":retry", ":blob", ":ev")  # a queue's keys share its lifetime
-USER_KEY_SUFFIXES = (":active", ":hist", ":ev", ":stats")
+USER_KEY_SUFFIXES = (":active", ":hist", ":ev", ":stats", ":version")
 LEASES_KEY = PREFIX + "leases"
 INFLIGHT_KEY = PREFIX + "inflight"
 WORKERS_KEY = PREFIX + "workers"
@@ -84,6 +85,8 @@ OPEN_COUNTS_KEY = PREFIX + "open:n"
 OPEN_SWEEP = 16  # unfinished queues the reaper checks for expiry each round
 DEFAULT_SAFETY_TTL_SECONDS = 7 * 86_400
 CANCEL_CHANNEL = PREFIX + "cancel"
+RECORDS_ALL_ABOVE = 256  # a status page of more images reads all of a queue's records at once
+VERSION_FIELD = "v"  # of a queue's hash: bumped by every change of the queue (its status's ETag)
 USER_EVENTS_MAXLEN = 10_000
 PREVIEW_KEY_SUFFIX = ":pv:"  # + index, after a queue's key
 PROGRESS_STREAM_SUFFIX = ":prog"  # after a user's key
@@ -144,6 +147,8 @@ def _lua_constants() -> dict[str, Any]:
         "OPEN_COUNTS_KEY": OPEN_COUNTS_KEY,
         "OPEN_SWEEP": OPEN_SWEEP,
         "CANCEL_CHANNEL": CANCEL_CHANNEL,
+        "VERSION_FIELD": VERSION_FIELD,
+        "RECORDS_ALL_ABOVE": RECORDS_ALL_ABOVE,
         "USER_EVENTS_MAXLEN": USER_EVENTS_MAXLEN,
         "PREVIEW_KEY_SUFFIX": PREVIEW_KEY_SUFFIX,
         "PROGRESS_STREAM_SUFFIX": PROGRESS_STREAM_SUFFIX,
@@ -320,10 +325,6 @@ class QueueStore:
             rows = await pipe.execute()
         return {qid: (_s(v) if v is not None else None) for qid, v in zip(ids, rows, strict=True)}
 
-    async def queue_field(self, queue_id: str, name: str) -> str | None:
-        value = await self.redis.hget(queue_key(queue_id), name)
-        return _s(value) if value is not None else None
-
     async def queue_fields(self, queue_id: str, names: Sequence[str]) -> dict[str, str | None]:
         values = await self.redis.hmget(queue_key(queue_id), list(names))
         return {n: (_s(v) if v is not None else None) for n, v in zip(names, values, strict=True)}
@@ -331,6 +332,15 @@ class QueueStore:
     async def spec(self, queue_id: str) -> str | None:
         raw = await self.redis.get(queue_key(queue_id) + ":spec")
         return _s(raw) if raw is not None else None
+
+    async def specs(self, queue_ids: Sequence[str]) -> list[bytes | None]:
+        """The specs (as stored) of several queues, in one round trip."""
+        if not queue_ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for qid in queue_ids:
+                pipe.get(queue_key(qid) + ":spec")
+            return list(await pipe.execute())
 
     async def records(self, queue_id: str, indexes: Sequence[int] | None = None) -> dict[int, dict[str, Any]]:
         """Records of images that have left "never claimed"; all of them, or those among `indexes`."""
@@ -342,27 +352,6 @@ class QueueStore:
             return {}
         values = await self.redis.hmget(key, [str(i) for i in indexes])
         return {i: json.loads(v) for i, v in zip(indexes, values, strict=True) if v is not None}
-
-    async def snapshot(
-        self, queue_id: str, indexes: Sequence[int] | None
-    ) -> tuple[dict[str, str] | None, dict[int, dict[str, Any]]]:
-        """Meta and image records read atomically (MULTI), so counts and records agree."""
-        key = queue_key(queue_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(key)
-            if indexes is None:
-                pipe.hgetall(key + ":img")
-            elif indexes:
-                pipe.hmget(key + ":img", [str(i) for i in indexes])
-            rows = await pipe.execute()
-        meta = {_s(k): _s(v) for k, v in rows[0].items()} if rows[0] else None
-        if indexes is None:
-            records = {int(k): json.loads(v) for k, v in rows[1].items()}
-        elif indexes:
-            records = {i: json.loads(v) for i, v in zip(indexes, rows[1], strict=True) if v is not None}
-        else:
-            records = {}
-        return meta, records
 
     async def blob(self, queue_id: str, index: int) -> bytes | None:
         value = await self.redis.hget(queue_key(queue_id) + ":blob", str(index))
@@ -469,25 +458,66 @@ class QueueStore:
             user_rank, users, queue_rank = await pipe.execute()
         return user_rank, int(users), queue_rank
 
-    async def summary(self, queue_id: str) -> tuple[dict[str, str], Schedule | None] | None:
-        """The meta hash and, while the queue runs, its place in the schedule: one round trip."""
-        res = await self._run("summary", queue_id, THROUGHPUT_WINDOW_BUCKETS)
+    async def status_read(
+        self, queue_id: str, first: int, last: int, known_versions: Sequence[str] = (), *, with_spec: bool = True
+    ) -> StatusRead | None:
+        """A queue's meta and schedule and, unless its version is among `known_versions`, the records
+        of images first..last (none when last < first) and, `with_spec`, its spec: one round trip,
+        one snapshot."""
+        res = await self._run(
+            "status", queue_id, THROUGHPUT_WINDOW_BUCKETS, first, last, ",".join(known_versions), int(with_spec)
+        )
         if not res:
             return None
-        flat, extra, server_ms = res
-        meta = {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
-        if not extra:
-            return meta, None
-        pending = {p: max(0, int(extra[i])) for i, p in enumerate(Priority)}
-        user_rank, users, queue_rank = (int(v) for v in extra[3:6])
-        return meta, Schedule(
-            pending=pending,
-            user_rank=None if user_rank < 0 else user_rank,
-            users=users,
-            queue_rank=None if queue_rank < 0 else queue_rank,
-            rate=_rate([int(v) for v in extra[6:]], int(server_ms)),
-            server_ms=int(server_ms),
-        )
+        meta = _pairs(res[0])
+        schedule = _schedule(res[1], int(res[2]))
+        if len(res) < 5:
+            return StatusRead(meta, schedule, False)
+        recs = res[4]
+        records = {int(recs[i]): recs[i + 1] for i in range(0, len(recs), 2)}
+        return StatusRead(meta, schedule, True, res[3] or None, records)
+
+    async def summaries(self, uk: str) -> tuple[list[tuple[str, dict[str, str], Schedule | None]], list[str]]:
+        """The user's unfinished queues (id, meta, schedule), newest first, and the ids of those gone."""
+        res = await self._run("summaries", uk, THROUGHPUT_WINDOW_BUCKETS)
+        server_ms = int(res[0])
+        found, gone = [], []
+        for i in range(1, len(res), 3):
+            qid = _s(res[i])
+            if res[i + 1]:
+                found.append((qid, _pairs(res[i + 1]), _schedule(res[i + 2], server_ms)))
+            else:
+                gone.append(qid)
+        return found, gone
+
+    async def history_version(self, uk: str, ttl_seconds: int) -> tuple[int, int]:
+        """The version of a user's queues and the number of their finished queues within the TTL."""
+        version, count = await self._run("history_version", uk, ttl_seconds * 1000)
+        return int(version), int(count)
+
+    async def page_details(
+        self, queue_ids: Sequence[str], limit: int | None
+    ) -> list[tuple[bytes | None, dict[int, bytes]]]:
+        """Spec and records (as stored) of the first `limit` images (None: all) of each queue, in one
+        round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for qid in queue_ids:
+                key = queue_key(qid)
+                pipe.get(key + ":spec")
+                if limit is None:
+                    pipe.hgetall(key + ":img")
+                else:
+                    pipe.hmget(key + ":img", [str(i) for i in range(max(1, limit))])
+            rows = await pipe.execute()
+        out: list[tuple[bytes | None, dict[int, bytes]]] = []
+        for i in range(0, len(rows), 2):
+            spec, recs = rows[i], rows[i + 1]
+            if limit is None:
+                records = {int(k): v for k, v in recs.items()}
+            else:
+                records = {n: v for n, v in enumerate(recs[:limit]) if v is not None}
+            out.append((spec, records))
+        return out
 
     async def throughput(self, model: str) -> float:
         """Images finished per second over the last minute, for ETAs."""
@@ -664,6 +694,42 @@ class Schedule:
     queue_rank: int | None
     rate: float
     server_ms: int  # Redis's clock when this was read
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRead:
+    """What one read of a status found: meta and schedule, and when `complete` (the version was not
+    known, or the page holds no image) the page's records and the spec (if asked for), both as stored
+    (JSON)."""
+
+    meta: dict[str, str]
+    schedule: Schedule | None
+    complete: bool
+    spec: bytes | None = None
+    records: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        return self.meta.get(VERSION_FIELD, "0")
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, str]:
+    return {_s(flat[i]): _s(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _schedule(extra: Sequence[Any], server_ms: int) -> Schedule | None:
+    if not extra:
+        return None
+    pending = {p: max(0, int(extra[i])) for i, p in enumerate(Priority)}
+    user_rank, users, queue_rank = (int(v) for v in extra[3:6])
+    return Schedule(
+        pending=pending,
+        user_rank=None if user_rank < 0 else user_rank,
+        users=users,
+        queue_rank=None if queue_rank < 0 else queue_rank,
+        rate=_rate([int(v) for v in extra[6:]], server_ms),
+        server_ms=server_ms,
+    )
 
 
 def _rate(buckets: list[int], server_ms: int) -> float:

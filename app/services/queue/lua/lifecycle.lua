@@ -86,6 +86,7 @@ local q = qkey(qid)
 local m = meta(q)
 if (not m) or m.uk ~= uk then return DeleteOutcome.NOT_FOUND end
 if (not m.finished_at) or m.running > 0 then return DeleteOutcome.CONFLICT end
+changed(qid, uk)
 for _, s in ipairs(QUEUE_KEY_SUFFIXES) do redis.call('DEL', q .. s) end
 close_queue(qid)
 local u = ukey(uk)

@@ -34,6 +34,26 @@ local function counts_of(q)
     succeeded = tonumber(v[5]), failed = tonumber(v[6]), cancelled = tonumber(v[7])}
 end
 
+-- A queue's side keys are created lazily; give each the queue's own remaining lifetime.
+local function touch(q, key)
+  if redis.call('TTL', key) == -1 then
+    local t = redis.call('TTL', q)
+    if t > 0 then redis.call('EXPIRE', key, t) end
+  end
+end
+
+-- What a status or one of the user's lists shows has changed: bump the versions their ETags are
+-- made from (VERSION_FIELD of the queue's hash, and the user's :version for history). Every state
+-- change emits an event, and emit() calls this; a script that changes what a status shows without
+-- an event calls it itself.
+local function changed(qid, uk)
+  local q = qkey(qid)
+  redis.call('HINCRBY', q, VERSION_FIELD, 1)
+  local version = ukey(uk) .. ':version'
+  redis.call('INCR', version)
+  touch(q, version)
+end
+
 local function emit(qid, uk, ev, now)
   ev.queue_id = qid
   ev.ts = now
@@ -49,6 +69,7 @@ local function emit(qid, uk, ev, now)
   redis.call('XADD', uev, 'MAXLEN', '~', USER_EVENTS_MAXLEN, '*', 'q', qid, 'i', id, 'd', data)
   -- A user's stream made anew here (it had expired) lives at least as long as the queue.
   if redis.call('TTL', uev) == -1 then redis.call('EXPIRE', uev, math.max(1, redis.call('TTL', q))) end
+  changed(qid, uk)
 end
 
 -- A member joining a ring goes to its front: a user who had nothing waiting is served next, so
@@ -174,14 +195,6 @@ local function get_rec(q, idx)
   local raw = redis.call('HGET', q .. ':img', idx)
   if not raw then return nil end
   return cjson.decode(raw)
-end
-
--- A queue's side keys are created lazily; give each the queue's own remaining lifetime.
-local function touch(q, key)
-  if redis.call('TTL', key) == -1 then
-    local t = redis.call('TTL', q)
-    if t > 0 then redis.call('EXPIRE', key, t) end
-  end
 end
 
 local function put_rec(q, idx, rec)

@@ -45,7 +45,10 @@ if id_after(cursor, current) then
   current = cursor
   redis.call('HSET', q, 'wh_cursor', cursor)
 end
-redis.call('HSET', q, 'webhook_state', state)
+if redis.call('HGET', q, 'webhook_state') ~= state then
+  redis.call('HSET', q, 'webhook_state', state)
+  changed(qid, redis.call('HGET', q, 'uk'))  -- a status shows its webhook's deliveries
+end
 if next_due == 'hold' then
   redis.call('ZADD', WEBHOOKS_DUE_KEY, server_now() + tonumber(ARGV[6]), qid)
   return 1
