@@ -237,6 +237,33 @@ async def test_a_status_is_read_in_one_snapshot(store: QueueStore) -> None:
     assert (await store.page_details(["gone"], None)) == [(None, {})]  # a history page drops it
 
 
+async def test_every_change_a_status_shows_bumps_the_queue_version(store: QueueStore) -> None:
+    """The status ETag is made from the queue's version: claims, progress, completions, cancels and
+    webhook deliveries move it (the user's version too, for history); plain reads do not."""
+    from app.services.queue.store import ProgressNote
+
+    async def versions() -> tuple[str, str]:
+        read = await store.status_read("ver", 0, 10)
+        assert read is not None
+        return read.version, (await store.history_version("u11", TTL))[0]
+
+    await make(store, "ver", "u11", 3)
+    seen = [await versions()]
+    assert await versions() == seen[-1]  # reading changes nothing
+    (claim,) = (await store.claim("w", ["m"], 1, {}, 60_000)).claims
+    seen.append(await versions())
+    assert await store.write_progress([ProgressNote(claim, 1, 4)]) == 1
+    seen.append(await versions())
+    await store.complete(claim, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL, record=stored("x"))
+    seen.append(await versions())
+    assert await store.cancel("ver", "u11", TTL, TTL) == "cancelled"
+    seen.append(await versions())
+    queue_versions = [int(v) for v, _ in seen]
+    assert queue_versions == sorted(set(queue_versions)), seen  # each step moved it on
+    user_versions = [int(u) for _, u in seen]
+    assert user_versions[-1] > user_versions[0] and user_versions == sorted(user_versions)
+
+
 async def test_a_late_lease_renewal_does_not_stretch_a_finished_queue(store: QueueStore) -> None:
     """A heartbeat that read its leases just before the report finished the queue renews them after."""
     await make(store, "fin", "u10", 1)

@@ -197,7 +197,10 @@ local function get_rec(q, idx)
   return cjson.decode(raw)
 end
 
+-- Every record write changes the queue's status (progress too, which emits no event), so it bumps
+-- the queue's version whether or not an event follows.
 local function put_rec(q, idx, rec)
   redis.call('HSET', q .. ':img', idx, cjson.encode(rec))
   touch(q, q .. ':img')
+  redis.call('HINCRBY', q, VERSION_FIELD, 1)
 end
