@@ -45,7 +45,7 @@ PHONE: ViewportSize = {"width": 375, "height": 740}
 WAIT_MS = 30_000
 
 IMAGES_LOADED = """([queueId, n]) => {
-  const imgs = [...document.querySelectorAll(`[data-queue-id="${queueId}"] .tile img`)];
+  const imgs = [...document.querySelectorAll(`[data-queue-id="${queueId}"] .tile img.tile-image`)];
   return imgs.length === n && imgs.every((img) => img.complete && img.naturalWidth > 0);
 }"""
 
@@ -124,7 +124,7 @@ def test_batch_from_the_form_fills_in_live_and_opens_large(browser: Browser, sta
     page.wait_for_function(IMAGES_LOADED, arg=[qid, 6])
     assert queue_ids(client, headers) == [qid]
     # The grid loads the small WebP thumbnails; the lightbox (below) the full image.
-    sources = batch.locator(".tile img").evaluate_all("imgs => imgs.map((img) => img.getAttribute('src'))")
+    sources = batch.locator(".tile img.tile-image").evaluate_all("imgs => imgs.map((img) => img.getAttribute('src'))")
     assert len(sources) == 6 and all("thumb=1" in src for src in sources), sources
 
     batch.locator(".tile").nth(1).click()
@@ -162,6 +162,49 @@ def test_batch_from_the_form_fills_in_live_and_opens_large(browser: Browser, sta
     assert 0 < final["succeeded"] < 80 and final["cancelled"] > 0
     expect(slow_card.locator(".counts")).to_contain_text(f"{final['cancelled']} cancelled")
     page.screenshot(path=SCREENSHOTS / "desktop.png", full_page=True)
+    assert errors.errors == []
+    page.close()
+
+
+PREVIEW_SHOWN = """(queueId) => {
+  const tile = document.querySelector(`[data-queue-id="${queueId}"] .tile[data-index="0"]`);
+  const img = tile && tile.querySelector("img.tile-preview");
+  return img && img.complete && img.naturalWidth > 0 ? tile.dataset.status : null;
+}"""
+TILE_PROGRESS = """(queueId) => {
+  const tile = document.querySelector(`[data-queue-id="${queueId}"] .tile[data-index="0"]`);
+  return tile && tile.dataset.progress !== undefined ? Number(tile.dataset.progress) : -1;
+}"""
+
+
+def test_running_tiles_show_step_progress_and_the_live_preview(browser: Browser, stack: Stack,
+                                                               client: httpx.Client) -> None:
+    """A running image's tile shows its steps moving and its provider's preview before the final image."""
+    user = new_user()
+    headers = auth(user)
+    page, errors = open_client(browser, stack, user, DESKTOP)
+    r = client.post("/create-queue", headers=headers, json={
+        "prompts": ["a lighthouse at dusk"], "count": 2, "width": 256, "height": 256, "name": "stepping",
+        "params": {"latency_ms": 5000, "steps": 10}})
+    assert r.status_code == 201, r.text
+    qid = r.json()["queue_id"]
+    batch = card(page, qid)
+    expect(batch.locator(".tile[data-index='0'][data-progress]")).to_be_visible()
+    first = page.evaluate(TILE_PROGRESS, qid)
+    # The preview loads while the image still runs, and the bar moves on.
+    status_when_shown = page.wait_for_function(PREVIEW_SHOWN, arg=qid).json_value()
+    assert status_when_shown == "running"
+    page.wait_for_function(f"(id) => ({TILE_PROGRESS})(id) > {first}", arg=qid)
+    expect(batch.locator(".tile[data-index='0'] .tile-step")).to_have_text(re.compile(r"^\d+/10$"))
+    expect(batch.locator(".extra")).to_contain_text("left")  # the step-based ETA
+    batch.scroll_into_view_if_needed()
+    batch.screenshot(path=SCREENSHOTS / "desktop-progress.png")
+    # Then the final image takes the preview's place.
+    expect(batch).to_have_attribute("data-finished", "true")
+    page.wait_for_function(IMAGES_LOADED, arg=[qid, 2])
+    expect(batch.locator(".tile-progress")).to_have_count(0)
+    expect(batch.locator("img.tile-preview")).to_have_count(0)
+    batch.screenshot(path=SCREENSHOTS / "desktop-progress-done.png")
     assert errors.errors == []
     page.close()
 
@@ -293,7 +336,7 @@ def test_phone_layout_fits_375_pixels(browser: Browser, stack: Stack, client: ht
     expect(history_card.locator("button.show-all")).to_have_text("Show all 16")
     history_card.scroll_into_view_if_needed()
     page.wait_for_function(IMAGES_LOADED, arg=[done, 12])
-    history_sources = history_card.locator(".tile img").evaluate_all("imgs => imgs.map((img) => img.src)")
+    history_sources = history_card.locator(".tile img.tile-image").evaluate_all("imgs => imgs.map((img) => img.src)")
     assert all("thumb=1" in src for src in history_sources), history_sources
     page.fill("#prompts", "a very long prompt " * 20)
     widths = page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")

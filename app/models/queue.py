@@ -116,6 +116,12 @@ class RetryRequest(BaseModel):
     include_cancelled: bool = False
 
 
+class ImageProgress(BaseModel):
+    step: int
+    steps: int
+    fraction: float = Field(description="step / steps, from 0 to 1")
+
+
 class ImageResult(BaseModel):
     index: int
     prompt: str
@@ -127,6 +133,12 @@ class ImageResult(BaseModel):
     started_at: str | None = None
     finished_at: str | None = None
     attempts: int = 0
+    progress: ImageProgress | None = Field(
+        default=None, description="A running image's steps, where its provider reports them"
+    )
+    preview_url: str | None = Field(
+        default=None, description="A running image's latest in-progress preview (a small WebP), once it has one"
+    )
 
 
 class QueueStatus(BaseModel):

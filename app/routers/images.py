@@ -21,6 +21,8 @@ router = APIRouter(tags=["images"], responses=COMMON_RESPONSES)
 # as its URL lives; private, since URLs are per user.
 CACHE_CONTROL = "private, max-age=31536000, immutable"
 REDIRECT_CACHE_CONTROL = "private, max-age=60"
+# A preview URL names one preview (?v=, the count so far), but the route answers with the latest.
+PREVIEW_CACHE_CONTROL = "private, max-age=30"
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
@@ -85,3 +87,34 @@ async def get_image(
         headers["Content-Range"] = f"bytes {stream.start}-{stream.stop - 1}/{stream.size}"
     return StreamingResponse(stream.chunks, status_code=206 if stream.partial else 200, headers=headers,
                              media_type=stream.content_type, background=BackgroundTask(stream.aclose))
+
+
+@router.get(
+    "/images/{queue_id}/{index}/preview",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/webp": {}}},
+        404: {"description": "No such image, it is not running, or it has no preview yet (the detail says which)"},
+    },
+)
+async def get_preview(
+    queue_id: str,
+    index: int,
+    request: Request,
+    service: Service,
+    exp: Annotated[int | None, Query()] = None,
+    sig: Annotated[str | None, Query(max_length=64)] = None,
+    v: Annotated[int | None, Query(description="the preview the URL was made for (the latest is sent)")] = None,
+) -> Response:
+    """A running image's latest in-progress preview: a small WebP, replaced as its steps go on and
+    gone once the image finishes (then its `url` has the image). Signed like the image's URL."""
+    if exp is not None and sig is not None:
+        data = await service.preview_for(queue_id, index, signature=ImageSignature(exp, sig))
+    else:
+        user = user_from_credentials(request, await bearer_scheme(request))
+        data = await service.preview_for(queue_id, index, user_id=user.id)
+    return Response(data, media_type="image/webp", headers={
+        "Cache-Control": PREVIEW_CACHE_CONTROL,
+        "Content-Disposition": f'inline; filename="{queue_id}-{index}-preview.webp"',
+        "X-Content-Type-Options": "nosniff",
+    })

@@ -37,7 +37,15 @@ from app.services.queue.states import (
     QueueState,
     RetryOutcome,
 )
-from app.services.queue.status_view import ImageUrl, StatusView, last_index, summary, thumbnail_url
+from app.services.queue.status_view import (
+    ImageUrl,
+    StatusView,
+    last_index,
+    preview_url,
+    step_progress,
+    summary,
+    thumbnail_url,
+)
 from app.services.queue.store import QueueStore, user_key
 from app.services.queue.tickets import Tickets
 from app.services.queue.validation import check_create
@@ -52,10 +60,17 @@ WAIT_EVENTS_BATCH = 100
 QUEUE_NOT_FOUND = "queue not found"
 IMAGE_NOT_FOUND = "image not found"
 LINK_NOT_FOUND = "image not found (or the link expired)"
+PREVIEW_NOT_FOUND = "no preview: the image is not running, or its provider has sent no preview yet"
 
 
 def valid_queue_id(queue_id: str) -> bool:
     return bool(_QUEUE_ID.match(queue_id))
+
+
+def _stream_id(value: str) -> tuple[int, int]:
+    """A Redis stream id as a tuple that sorts like the id."""
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _owned(meta: Mapping[str, str] | None, user_id: str) -> Mapping[str, str]:
@@ -69,7 +84,7 @@ def _owned(meta: Mapping[str, str] | None, user_id: str) -> Mapping[str, str]:
 class QueueEvent:
     """One entry of a queue's or a user's event stream."""
 
-    id: str
+    id: str | None  # None: live only, never replayed (image.progress)
     data: dict[str, Any]
 
     @property
@@ -229,27 +244,45 @@ class QueueService:
     ) -> AsyncGenerator[list[QueueEvent], None]:
         """Batches of events (an empty one each time EVENTS_BLOCK_MS passes without news), after the
         event id `after`: one queue's from its start, ending with its final event, or all the user's
-        queues' from now on. Ownership and the starting point are settled before this returns, so
-        their errors come before any event."""
+        queues' from now on. Running images' image.progress events are merged in live, from now on,
+        without ids (they are never replayed: a status has the current progress). Ownership and the
+        starting points are settled before this returns, so their errors come before any event."""
+        uk = user_key(user_id)
         if queue_id is not None:
             await self.owned_queue(user_id, queue_id)
             key = self.store.queue_events_key(queue_id)
             start = after or "0-0"
         else:
-            key = self.store.user_events_key(user_key(user_id))
+            key = self.store.user_events_key(uk)
             start = after if after is not None else await self.store.newest_event_id(key)
-        return self._follow(key, start, until_final=queue_id is not None)
+        live = self.store.progress_events_key(uk)
+        return self._follow(key, start, live, await self.store.newest_event_id(live), queue_id)
 
-    async def _follow(self, key: str, after: str, *, until_final: bool) -> AsyncGenerator[list[QueueEvent], None]:
+    async def _follow(
+        self, key: str, after: str, live: str, live_after: str, queue_id: str | None
+    ) -> AsyncGenerator[list[QueueEvent], None]:
         while True:
+            read = await self.store.read_streams({key: after, live: live_after},
+                                                 block_ms=EVENTS_BLOCK_MS, count=EVENTS_BATCH)
+            events, progress = read.get(key, []), read.get(live, [])
+            if len(events) == EVENTS_BATCH:  # more events wait: progress newer than these comes later
+                progress = [(i, d) for i, d in progress if _stream_id(i) < _stream_id(events[-1][0])]
+            if progress:
+                live_after = progress[-1][0]
+            # Coalesced: an image's newest progress only, where its last write falls among the events.
+            latest = {(d["queue_id"], d["index"]): (i, d) for i, d in progress
+                      if queue_id is None or d.get("queue_id") == queue_id}
+            merged = [(_stream_id(i), QueueEvent(i, self._with_url(d))) for i, d in events]
+            merged += [(_stream_id(i), QueueEvent(None, self._progress_event(d))) for i, d in latest.values()]
+            merged.sort(key=lambda item: item[0])
             batch = []
-            events = await self.store.read_events(key, after, block_ms=EVENTS_BLOCK_MS, count=EVENTS_BATCH)
-            for event_id, data in events:
-                after = event_id
-                batch.append(QueueEvent(event_id, self._with_url(data)))
-                if until_final and data.get("final"):
-                    yield batch
-                    return
+            for _, event in merged:
+                batch.append(event)
+                if event.id is not None:
+                    after = event.id
+                    if queue_id is not None and event.data.get("final"):
+                        yield batch
+                        return
             yield batch
 
     def _with_url(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -261,6 +294,15 @@ class QueueService:
                 data["url"] = self.view.image_url(data["queue_id"], int(data["index"]), attempt, expires)
                 data["thumbnail_url"] = thumbnail_url(data["url"])
         return data
+
+    def _progress_event(self, data: dict[str, Any]) -> dict[str, Any]:
+        """An entry of a user's progress stream (lua/progress.lua) as an image.progress event."""
+        queue_id, index, attempt, previews = data["queue_id"], int(data["index"]), int(data["attempt"]), int(data["pv"])
+        url = None
+        if previews:
+            url = preview_url(self.view.image_url(queue_id, index, attempt, signature_expiry(self.settings)), previews)
+        return {"type": "image.progress", "queue_id": queue_id, "index": index, "attempt": attempt,
+                **step_progress(int(data["step"]), int(data["steps"])), "preview_url": url}
 
     async def status(
         self, user_id: str, queue_id: str, *, images_offset: int = 0, images_limit: int | None = None
@@ -454,6 +496,31 @@ class QueueService:
         if found is None:
             raise NotFound(IMAGE_NOT_FOUND)
         return found
+
+    async def preview_for(
+        self, queue_id: str, index: int, *, user_id: str | None = None, signature: ImageSignature | None = None
+    ) -> bytes:
+        """A running image's latest preview (WebP) for its owner, or for the holder of its attempt's
+        signed URL; NotFound otherwise. Authorised as image_for is, before anything is read."""
+        if signature is not None:
+            if not valid_queue_id(queue_id) or not image_signature_current(signature.expires, signature.signature):
+                raise NotFound(LINK_NOT_FOUND)
+        elif user_id is not None:
+            try:
+                await self.owned_queue(user_id, queue_id)
+            except NotFound:
+                raise NotFound(IMAGE_NOT_FOUND) from None
+        else:
+            raise ValueError("preview_for needs a user or a signature")
+        rec = (await self.store.records(queue_id, [index])).get(index)
+        if signature is not None and (rec is None or not check_image_signature(
+            self.settings, queue_id, index, int(rec.get("a", 0)), signature.expires, signature.signature
+        )):
+            raise NotFound(LINK_NOT_FOUND)
+        data = await self.store.preview(queue_id, index) if rec and rec.get("s") == ImageStatus.RUNNING else None
+        if data is None:
+            raise NotFound(PREVIEW_NOT_FOUND)
+        return data
 
     async def _signed_image(self, queue_id: str, index: int, signature: ImageSignature) -> ImageObject:
         if not valid_queue_id(queue_id) or not image_signature_current(signature.expires, signature.signature):

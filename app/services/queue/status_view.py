@@ -38,6 +38,7 @@ ImageUrl = Callable[[str, int, int, int], str]
 
 _SUCCEEDED = ImageStatus.SUCCEEDED.value
 _PENDING = ImageStatus.PENDING.value
+_RUNNING = ImageStatus.RUNNING.value
 _CANCELLED = ImageStatus.CANCELLED.value
 _COUNTS = ("total", "pending", "running", "succeeded", "failed", "cancelled")
 
@@ -46,6 +47,18 @@ def thumbnail_url(image_url: str) -> str:
     """An image URL's thumbnail: the same URL (and signature) asking for the small WebP."""
     path, _, query = image_url.partition("?")
     return f"{path}?thumb=1" + (f"&{query}" if query else "")
+
+
+def preview_url(image_url: str, previews: int) -> str:
+    """A running image's latest preview: the URL (and signature) its attempt's image will have, with
+    /preview and the count of previews so far (each new preview is a new URL)."""
+    path, _, query = image_url.partition("?")
+    return f"{path}/preview?v={previews}" + (f"&{query}" if query else "")
+
+
+def step_progress(step: int, steps: int) -> dict[str, Any]:
+    """An image's `progress` as a status and an image.progress event show it."""
+    return {"step": step, "steps": steps, "fraction": round(min(1.0, step / steps), 4) if steps > 0 else 0.0}
 
 
 @functools.lru_cache(maxsize=ISO_CACHE_SIZE)
@@ -68,14 +81,21 @@ def position(priority: Priority, schedule: Schedule) -> int:
 
 def eta(meta: Mapping[str, str], counts: dict[str, int], ahead: int | None, schedule: Schedule) -> float | None:
     """Seconds until the queue finishes. Once some of its images have finished, from the queue's own
-    pace (which already reflects its share of the workers); before that, from the model's recent
-    throughput and the images ahead of it."""
-    remaining = counts["pending"] + counts["running"] * RUNNING_IMAGE_WEIGHT
+    pace (which already reflects its share of the workers); before that, from the step rate of its
+    running images when their provider reports steps; else from the model's recent throughput and
+    the images ahead of it."""
+    running = counts["running"]
+    if "pf" in meta:  # the share of the running images' steps already done (lua/progress.lua)
+        remaining = counts["pending"] + running - min(running, max(0.0, float(meta["pf"])))
+    else:
+        remaining = counts["pending"] + running * RUNNING_IMAGE_WEIGHT
     done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
     started = meta.get("started_at")
     if started and done and meta.get("attempt", "1") == "1":
         elapsed = max(0.001, (schedule.server_ms - int(started)) / 1000)  # both by Redis's clock
         return round(remaining * elapsed / done, 1)
+    if running and meta.get("pe"):  # ms one image takes, by its steps: `running` go at a time
+        return round(remaining * int(meta["pe"]) / 1000 / running, 1)
     if schedule.rate > 0:
         return round(((ahead or 0) + remaining) / schedule.rate, 1)
     return None
@@ -216,7 +236,7 @@ class StatusView:
                     "index": i, "prompt": prompts[i // count], "seed": seed + i,
                     "status": _CANCELLED if (cut and i >= cursor) else _PENDING,
                     "url": None, "thumbnail_url": None, "error": None, "started_at": None, "finished_at": None,
-                    "attempts": 0,
+                    "attempts": 0, "progress": None, "preview_url": None,
                 })
                 continue
             key = (queue_id, i, raw, expires)
@@ -233,11 +253,17 @@ class StatusView:
         state = rec["s"]
         attempts = int(rec.get("a", 0))
         url = self._url(queue_id, index, attempts, expires) if state == _SUCCEEDED else None
+        progress = preview = None
+        if state == _RUNNING:  # step progress (lua/progress.lua), cleared when the image settles
+            if rec.get("pn"):  # a preview may come before the steps are known
+                progress = step_progress(int(rec["ps"]), int(rec["pn"]))
+            if rec.get("pv"):
+                preview = preview_url(self._url(queue_id, index, attempts, expires), int(rec["pv"]))
         return {
             "index": index, "prompt": prompt, "seed": seed, "status": state,
             "url": url, "thumbnail_url": thumbnail_url(url) if url else None,
             "error": rec.get("e"), "started_at": iso(rec.get("t0")), "finished_at": iso(rec.get("t1")),
-            "attempts": attempts,
+            "attempts": attempts, "progress": progress, "preview_url": preview,
         }
 
     async def add_warnings(self, status: dict[str, Any]) -> dict[str, Any]:

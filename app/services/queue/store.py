@@ -677,6 +677,15 @@ class QueueStore:
         batch: Any = await self.redis.xread({key: after}, block=block_ms, count=count)
         return [(_s(i), json.loads(f[b"d"])) for _, entries in batch for i, f in entries]
 
+    async def read_streams(
+        self, after: Mapping[str, str], *, block_ms: int, count: int
+    ) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+        """Up to `count` entries of each stream after its id in `after`, in one read (waiting up to
+        `block_ms` for the first of any)."""
+        streams: Any = dict(after)
+        batch: Any = await self.redis.xread(streams, block=block_ms, count=count)
+        return {_s(key): [(_s(i), json.loads(f[b"d"])) for i, f in entries] for key, entries in batch}
+
     async def newest_event_id(self, key: str) -> str:
         """The id of a stream's newest entry ("0-0" when empty): where "from now on" starts."""
         newest: Any = await self.redis.xrevrange(key, count=1)

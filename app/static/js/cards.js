@@ -121,15 +121,19 @@ function renderTiles(q) {
 
 function updateTile(tile, img) {
   tile.dataset.index = String(img.index);
+  if (img.status !== "running" || !(img.progress || img.preview)) {
+    delete tile.dataset.progress;
+    delete tile.dataset.preview;
+  }
   tile.dataset.status = img.status;
   const label = `#${img.index}${img.prompt ? `: ${img.prompt}` : ""}`;
   tile.title = img.status === "failed" ? `${label}\nfailed: ${img.error || "unknown error"}` : label;
   tile.setAttribute("aria-label", img.status === "succeeded" ? `Open image ${label}` : `${label} (${img.status})`);
   if (img.status === "succeeded" && img.url) {
-    let image = tile.querySelector("img");
+    let image = tile.querySelector("img.tile-image");
     if (!image) {
       tile.replaceChildren();
-      image = el("img", { loading: "lazy", decoding: "async", alt: "" });
+      image = el("img", { class: "tile-image", loading: "lazy", decoding: "async", alt: "" });
       tile.append(image);
     }
     image.alt = img.prompt || `image ${img.index}`;
@@ -139,9 +143,40 @@ function updateTile(tile, img) {
   } else if (img.status === "failed") {
     tile.replaceChildren(el("span", { class: "tile-label", text: "failed" }),
       el("span", { class: "tile-error", text: img.error || "" }));
+  } else if (img.status === "running" && (img.progress || img.preview)) {
+    runningTile(tile, img);
   } else {
     tile.replaceChildren(el("span", { class: "tile-label", text: "…" }));
   }
   // Not `disabled`: a failed tile keeps its tooltip and stays focusable for its error text.
   tile.setAttribute("aria-disabled", String(img.status !== "succeeded"));
+}
+
+// A running image with step progress: its latest preview (when the provider sends them) under a
+// bar and a step counter. The elements stay, so each step only moves the bar and swaps the preview.
+function runningTile(tile, img) {
+  let bar = tile.querySelector(".tile-progress");
+  if (!bar) {
+    bar = el("span", { class: "tile-progress", role: "progressbar", "aria-valuemin": "0", "aria-valuemax": "100" });
+    bar.append(el("span", { class: "tile-progress-fill" }));
+    tile.replaceChildren(el("span", { class: "tile-step" }), bar);
+  }
+  // Steps may be unknown (0) while a provider already sends previews.
+  const { step, steps, fraction } = img.progress || { step: 0, steps: 0, fraction: 0 };
+  const pct = Math.round(Math.min(1, Math.max(0, fraction)) * 100);
+  bar.firstChild.style.width = `${pct}%`;
+  bar.setAttribute("aria-valuenow", String(pct));
+  tile.dataset.progress = String(pct);
+  tile.querySelector(".tile-step").textContent = steps > 0 ? `${step}/${steps}` : "";
+  let preview = tile.querySelector("img.tile-preview");
+  if (img.preview) {
+    if (!preview) {
+      preview = el("img", { class: "tile-preview", decoding: "async", alt: "" });
+      tile.prepend(preview);
+    }
+    if (preview.getAttribute("src") !== img.preview) preview.src = img.preview;
+  } else if (preview) {
+    preview.remove();
+  }
+  tile.dataset.preview = String(Boolean(img.preview));
 }

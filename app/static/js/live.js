@@ -5,7 +5,7 @@ import { ApiError, api, reportError } from "./api.js";
 import { render } from "./cards.js";
 import { $ } from "./dom.js";
 import { refreshActive } from "./lists.js";
-import { COUNT_KEYS, forgetUnfinishedImages } from "./model.js";
+import { COUNT_KEYS, forgetUnfinishedImages, mergeProgress } from "./model.js";
 import { scheduleStatus } from "./polling.js";
 import { placeCard, queues, upsertQueue } from "./queues.js";
 import { currentToken } from "./token.js";
@@ -75,6 +75,13 @@ export async function openStream() {
   };
   es.addEventListener("queue", handle);
   es.addEventListener("image", handle);
+  es.addEventListener("image.progress", (event) => {
+    try {
+      onProgress(JSON.parse(event.data));
+    } catch (err) {
+      console.error("bad event", err);
+    }
+  });
   es.addEventListener("error", () => {
     if (gen !== stream.gen) return;
     if (es.readyState === EventSource.CLOSED) {
@@ -85,6 +92,13 @@ export async function openStream() {
       setLive("connecting");
     }
   });
+}
+
+// Step progress of a running image: redraws its tile only (no status fetch: counts did not change).
+function onProgress(ev) {
+  if (!ev || typeof ev.index !== "number") return;
+  const q = queues.get(ev.queue_id);
+  if (q && mergeProgress(q, ev)) render(q);
 }
 
 function onEvent(ev) {
@@ -112,6 +126,8 @@ function onEvent(ev) {
       ...old, status: ev.status, error: ev.error || null, attempt: ev.attempt || old.attempt || 0,
       url: ev.status === "succeeded" ? ev.url || null : null,
       thumb: ev.status === "succeeded" ? ev.thumbnail_url || null : null,
+      progress: ev.status === "running" && old.attempt === ev.attempt ? old.progress || null : null,
+      preview: ev.status === "running" && old.attempt === ev.attempt ? old.preview || null : null,
     });
   }
   if (ev.type === "queue" && ev.retried) {

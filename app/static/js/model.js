@@ -46,12 +46,36 @@ export function mergeImages(q, images, force) {
     if (!force && old && IMAGE_RANK[img.status] < IMAGE_RANK[old.status] && old.attempt >= (img.attempts || 0)) {
       continue;
     }
+    const attempt = img.attempts || 0;
+    let progress = img.status === "running" ? img.progress || null : null;
+    let preview = img.status === "running" ? img.preview_url || null : null;
+    // Live image.progress events may be ahead of a status answer: the furthest step of the attempt wins.
+    if (progress && old && old.progress && old.attempt === attempt && old.progress.step > progress.step) {
+      progress = old.progress;
+      preview = old.preview || preview;
+    }
     q.images.set(img.index, {
       index: img.index, prompt: img.prompt, seed: img.seed, status: img.status, error: img.error,
-      url: img.url || (old && img.status === old.status ? old.url : null), attempt: img.attempts || 0,
+      url: img.url || (old && img.status === old.status ? old.url : null), attempt,
       thumb: img.thumbnail_url || (old && img.status === old.status ? old.thumb : null),
+      progress, preview,
     });
   }
+}
+
+// A running image's step progress from an image.progress event (live only, throttled by the server).
+// Returns whether it changed anything shown.
+export function mergeProgress(q, ev) {
+  const old = q.images.get(ev.index);
+  if (old && (IMAGE_RANK[old.status] > IMAGE_RANK.running || (old.attempt || 0) > ev.attempt)) return false;
+  if (old && old.progress && old.attempt === ev.attempt && old.progress.step > ev.step) return false;
+  const base = old || { index: ev.index, prompt: null, seed: null, error: null, url: null, thumb: null };
+  q.images.set(ev.index, {
+    ...base, status: "running", attempt: ev.attempt,
+    progress: { step: ev.step, steps: ev.steps, fraction: ev.fraction },
+    preview: ev.preview_url || (old && old.attempt === ev.attempt ? old.preview : null) || null,
+  });
+  return true;
 }
 
 // A retried queue runs its failed and cancelled images again: only the succeeded ones still stand.

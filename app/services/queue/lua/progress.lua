@@ -2,7 +2,9 @@
 -- writes a second per image). It lives in the image's record (step `ps` of `pn`, written at `pt`,
 -- `pv` counting its previews) until the image settles, which clears it (settle.lua); the latest
 -- preview in a short-lived key of its own; and each write is an entry of the user's progress
--- stream, which the event streams merge live and never replay.
+-- stream, which the event streams merge live and never replay. The queue's meta keeps what its
+-- ETA needs: `pf`, the sum of its running images' fractions, and `pe`, a running estimate (ms) of
+-- how long one image takes, from the step rate (elapsed since the claim × steps / step).
 
 -- @script progress
 -- ARGV: ttl, maxlen, then six per image: qid, idx, attempt, step, steps, preview ('' for none).
@@ -17,7 +19,17 @@ for i = 3, #ARGV, 6 do
   local uk = redis.call('HGET', q, 'uk')
   local rec = uk and get_rec(q, idx)
   if rec and rec.s == ImageStatus.RUNNING and tonumber(rec.a) == attempt then
-    rec.ps, rec.pn, rec.pt = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]), now
+    local step, steps = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
+    local before = (rec.pn and rec.pn > 0) and rec.ps / rec.pn or 0
+    local fraction = steps > 0 and math.min(1, step / steps) or 0
+    if fraction ~= before then redis.call('HINCRBYFLOAT', q, 'pf', fraction - before) end
+    if step > 0 and steps > 0 and rec.t0 then
+      local estimate = (now - tonumber(rec.t0)) * steps / step
+      local pe = tonumber(redis.call('HGET', q, 'pe'))
+      if pe then estimate = 0.7 * pe + 0.3 * estimate end
+      redis.call('HSET', q, 'pe', math.floor(estimate))
+    end
+    rec.ps, rec.pn, rec.pt = step, steps, now
     local pv = q .. PREVIEW_KEY_SUFFIX .. idx
     if ARGV[i + 5] ~= '' then
       rec.pv = (rec.pv or 0) + 1
