@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ["throughput", "http_throughput", "create_status", "polling", "memory", "fairness"]
+BENCHMARKS = ["throughput", "http_throughput", "create_status", "polling", "memory", "fairness", "progress"]
 
 
 def main() -> int:

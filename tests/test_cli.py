@@ -474,6 +474,21 @@ def test_terminal_shows_a_live_bar_and_running_images(stack: Stack, tmp_path: Pa
     assert "Traceback" not in text
 
 
+def test_terminal_shows_each_running_images_steps_from_the_server(stack: Stack, tmp_path: Path) -> None:
+    """Against the service: the provider's steps arrive as image.progress events and become per-image bars."""
+    argv = [sys.executable, "-m", "app.cli", "generate", "a slow lighthouse", "--count", "2", "--size", "64x64",
+            "--param", "latency_ms=4000", "--param", "steps=10", "--out", str(tmp_path)]
+    code, raw = run_in_terminal(argv, terminal_env(stack.base_url, new_user()))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "terminal-steps.ansi").write_bytes(raw)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", raw.decode("utf-8", "replace"))
+    assert code == 0, text[-3000:]
+    steps = {int(m) for m in re.findall(r"step (\d+)/10", text)}
+    assert len(steps) >= 3 and max(steps) >= 5, text[-3000:]  # drawn as the steps went on
+    assert "#0000 a slow lighthouse" in text and len(images_in(tmp_path)) == 2
+    assert "Traceback" not in text
+
+
 def test_ctrl_c_in_a_terminal_stops_following_and_says_how_to_resume(stack: Stack, tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "app.cli", "generate", "a fjord", "--count", "40", "--size", "64x64", "--param",
             "latency_ms=400", "--out", str(tmp_path)]
