@@ -5,12 +5,13 @@ the image store are restarted and the provider fails some calls; then every prom
     python -m bench.chaos --short    # the same faults on fewer images, under 2 minutes (run by the tests)
 
 Faults: one worker killed -9 every few seconds (and a fresh one started), the API restarted once, Redis
-killed -9 and restarted once (appendonly, appendfsync always), the image store restarted once (when one is
-configured: see `restart_image_store`), and a provider over HTTP that answers 5% of calls 500 and 2% 429.
+killed -9 and restarted once (appendonly, appendfsync always), the image store (a private SeaweedFS behind
+the S3 API) killed -9 and restarted once, and a provider over HTTP that answers 5% of calls 500 and 2% 429.
 
 Checks at the end: every image terminal and the five counts adding up on every queue; no image reported
 succeeded twice (one `succeeded` event per image, the global counter equal to the queues' sum, and each
-succeeded image produced by the provider); the global counters (in flight, pending per model, per-user
+succeeded image produced by the provider, and its bytes served by the API from the image store once its
+queue finished); the global counters (in flight, pending per model, per-user
 pending and active queues, leases, schedule rings) back to zero; every imagequeue key with a TTL except the
 documented globals; and, once the TTLs have run out, no imagequeue key left but the globals and Redis
 memory back to its baseline.
@@ -38,6 +39,7 @@ from app.harness import start_api, start_worker
 from app.services.queue.store import PROVIDER_HEALTH_TTL_SECONDS, worker_key
 from bench.common import LOG_DIR, Process, RedisServer, auth, free_port, service_env, wait_until
 from tests.provider_servers import ProviderServer
+from tests.seaweedfs import SEAWEEDFS_BUCKET, SeaweedServer
 
 MODEL = "chaos"
 PRIORITIES = ("high", "normal", "low")
@@ -68,6 +70,7 @@ class Config:
     submit_seconds: float = 20.0  # queues are created over this long, so restarts meet creates too
     deadline: float = 600.0
     seed: int = 7
+    store: str = "s3"  # or "file": bytes in a directory, nothing to restart
 
     @classmethod
     def short(cls) -> Config:
@@ -102,11 +105,33 @@ class Api:
         self.start()
 
 
-def restart_image_store() -> str:
-    """The image store's restart. The soak keeps image bytes in a directory of its own (IMAGE_STORE=file://),
-    which has nothing to restart; with an S3 store (tests/seaweedfs.py starts a private SeaweedFS), start
-    it in run() and kill and start it again here."""
-    return "image store: a local directory (nothing to restart)"
+class ImageStore:
+    """The soak's image store: a private SeaweedFS (S3) that can be killed -9 and started again with its
+    data, or a directory."""
+
+    def __init__(self, kind: str, tmp: Path) -> None:
+        self.kind = kind
+        self.dir = tmp / "images"
+        self.seaweed = SeaweedServer(tmp / "seaweedfs") if kind == "s3" else None
+
+    def start(self) -> dict[str, str]:
+        """Starts it; returns the settings that point the service at it."""
+        if self.seaweed is None:
+            return {"IMAGE_STORE": f"file://{self.dir}"}
+        self.seaweed.start().create_bucket(SEAWEEDFS_BUCKET)
+        return self.seaweed.env("chaos")
+
+    def restart(self) -> str:
+        if self.seaweed is None:
+            return "image store: a local directory (nothing to restart)"
+        self.seaweed.kill()
+        time.sleep(1.0)
+        self.seaweed.start()
+        return "image store: SeaweedFS killed -9 and started again"
+
+    def stop(self) -> None:
+        if self.seaweed is not None:
+            self.seaweed.kill()
 
 
 class User(threading.Thread):
@@ -125,6 +150,8 @@ class User(threading.Thread):
         # queue id -> (its status once finished, with images; how often each image was reported succeeded)
         self.final: dict[str, tuple[dict[str, Any], Counter[int]]] = {}
         self.create_retries = 0
+        self.bytes_checked = 0
+        self.bytes_missing: list[str] = []  # "queue id #index: what the API answered"
 
     def run(self) -> None:
         headers = auth(self.user)
@@ -155,9 +182,32 @@ class User(threading.Thread):
                     events = conn.xrange(f"iq:q:{{{qid}}}:ev")
             except (httpx.HTTPError, redis.RedisError):
                 continue
+            status = r.json()
+            if not self._bytes_served(client, qid, status):
+                continue  # the API or the store is away for a moment: looked at again next round
             reported = Counter(d["index"] for d in (json.loads(f[b"d"]) for _, f in events)
                                if d.get("type") == "image" and d.get("status") == "succeeded")
-            self.final[qid] = (r.json(), reported)
+            self.final[qid] = (status, reported)
+
+    def _bytes_served(self, client: httpx.Client, qid: str, status: dict[str, Any]) -> bool:
+        """Fetches every succeeded image of a finished queue by its signed URL; False when an answer says
+        to come back (a 5xx or no answer), and a 404 or anything not a PNG is noted as missing bytes."""
+        checked, missing = 0, []
+        for image in status["images"]:
+            if image["status"] != "succeeded":
+                continue
+            try:
+                got = client.get(image["url"])
+            except httpx.HTTPError:
+                return False
+            if got.status_code >= 500:
+                return False
+            if got.status_code != 200 or not got.content.startswith(b"\x89PNG"):
+                missing.append(f"{qid} #{image['index']}: {got.status_code} {got.text[:100]!r}")
+            checked += 1
+        self.bytes_checked += checked
+        self.bytes_missing += missing
+        return True
 
     def _create(self, client: httpx.Client, headers: dict[str, str], body: dict[str, Any], key: str) -> str:
         deadline = time.monotonic() + self.config.deadline
@@ -179,9 +229,10 @@ class Chaos(threading.Thread):
     """Kills a worker every `kill_every` seconds; restarts the API, Redis and the image store once each."""
 
     def __init__(self, config: Config, env: dict[str, str], workers: list[Process], api: Api, server: RedisServer,
-                 rng: random.Random) -> None:
+                 store: ImageStore, rng: random.Random) -> None:
         super().__init__(daemon=True, name="chaos")
         self.config, self.env, self.workers, self.api, self.server, self.rng = config, env, workers, api, server, rng
+        self.store = store
         self.stop = threading.Event()
         self.log: list[str] = []
         self.kills = 0
@@ -197,7 +248,7 @@ class Chaos(threading.Thread):
         once = {
             self.config.submit_seconds * 0.4: ("API", self.api.restart),
             self.config.submit_seconds * 0.8: ("Redis", self._restart_redis),
-            self.config.submit_seconds * 1.1: ("image store", lambda: self._note(restart_image_store())),
+            self.config.submit_seconds * 1.1: ("image store", lambda: self._note(self.store.restart())),
         }
         next_kill = self.config.kill_every
         while not self.stop.wait(0.1):
@@ -283,6 +334,11 @@ def check(users: list[User], provider: ProviderServer, r: redis.Redis, result: R
     figures["provider_calls"] = len(provider.requests)
     figures["provider_faults"] = sum(1 for c in list(provider.requests) if c.get("step") != "ok")
     figures["generated_twice"] = sum(1 for n in ok_calls.values() if n > 1)  # at-least-once execution
+    figures["image_bytes_checked"] = sum(u.bytes_checked for u in users)
+    missing = [m for u in users for m in u.bytes_missing]
+    figures["image_bytes_missing"] = len(missing)
+    if missing:
+        problems.append(f"succeeded images whose bytes the API could not serve: {missing[:10]}")
     never_generated = succeeded_prompts - set(ok_calls)
     if never_generated:
         problems.append(f"{len(never_generated)} succeeded image(s) the provider never made")
@@ -320,10 +376,11 @@ def run(config: Config) -> Result:
     with TemporaryDirectory() as tmp, ProviderServer("openai", latency=config.provider_latency,
                                                      fault_rates=config.rates, seed=config.seed) as provider:
         server = RedisServer(Path(tmp) / "redis", appendonly=True, log_dir=LOG_DIR).start()
+        store = ImageStore(config.store, Path(tmp))
         env = service_env(server.url, IMAGE_PROVIDER="openai", IMAGE_PROVIDER_URL=provider.url, IMAGE_MODEL=MODEL,
                           QUEUE_TTL_SECONDS=config.ttl, QUEUE_SAFETY_TTL_SECONDS=config.safety_ttl,
                           MAX_IMAGE_ATTEMPTS=20, LOG_LEVEL="WARNING", PROVIDER_MAX_RETRIES=8,
-                          IDEMPOTENCY_TTL_SECONDS=IDEMPOTENCY_TTL_SECONDS, IMAGE_STORE=f"file://{tmp}/images")
+                          IDEMPOTENCY_TTL_SECONDS=IDEMPOTENCY_TTL_SECONDS, **store.start())
         api = Api(env)
         workers: list[Process] = []
         chaos: Chaos | None = None
@@ -345,7 +402,7 @@ def run(config: Config) -> Result:
             load_started = time.monotonic()
             for user in users:
                 user.start()
-            chaos = Chaos(config, env, workers, api, server, rng)
+            chaos = Chaos(config, env, workers, api, server, store, rng)
             chaos.start()
             for user in users:
                 user.join(config.deadline + 30)
@@ -400,6 +457,7 @@ def run(config: Config) -> Result:
             if api.proc is not None:
                 api.proc.kill()
             server.kill()
+            store.stop()
     result.figures["total_seconds"] = round(time.monotonic() - started, 1)
     return result
 
@@ -426,10 +484,14 @@ def _split(images: int, users: int, rng: random.Random) -> list[list[int]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--short", action="store_true", help="fewer images, under 2 minutes")
+    parser.add_argument("--store", choices=("s3", "file"), default="s3",
+                        help="s3: a private SeaweedFS, restarted mid-soak (default); file: a directory")
     args = parser.parse_args(argv)
     config = Config.short() if args.short else Config()
+    config.store = args.store
     print(f"chaos soak: {config.users} users, {config.images} images, {config.workers} workers x "
-          f"{config.concurrency}, a worker killed -9 every {config.kill_every} s, provider faults {config.rates}",
+          f"{config.concurrency}, a worker killed -9 every {config.kill_every} s, provider faults {config.rates}, "
+          f"image store {config.store}",
           flush=True)
     result = run(config)
     for name, value in result.figures.items():

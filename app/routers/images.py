@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
@@ -26,6 +27,28 @@ PREVIEW_CACHE_CONTROL = "private, max-age=30"
 EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 
 
+@dataclass(frozen=True, slots=True)
+class ImageAccess:
+    """Who asks for an image: its owner (by the bearer token) or the holder of a signed URL."""
+
+    user_id: str | None = None
+    signature: ImageSignature | None = None
+
+
+async def image_access(
+    request: Request,
+    exp: Annotated[int | None, Query()] = None,
+    sig: Annotated[str | None, Query(max_length=64)] = None,
+) -> ImageAccess:
+    """A signed URL's `exp` and `sig`, else the bearer token (401 without either)."""
+    if exp is not None and sig is not None:
+        return ImageAccess(signature=ImageSignature(exp, sig))
+    return ImageAccess(user_id=user_from_credentials(request, await bearer_scheme(request)).id)
+
+
+Access = Annotated[ImageAccess, Depends(image_access)]
+
+
 @router.get(
     "/images/{queue_id}/{index}",
     response_class=Response,
@@ -44,16 +67,11 @@ async def get_image(
     request: Request,
     service: Service,
     settings: AppSettings,
-    exp: Annotated[int | None, Query()] = None,
-    sig: Annotated[str | None, Query(max_length=64)] = None,
+    access: Access,
     thumb: Annotated[bool, Query(description="the ~256 px WebP thumbnail")] = False,
 ) -> Response:
     """A succeeded image's bytes (or its thumbnail's), streamed or redirected to the image store."""
-    if exp is not None and sig is not None:
-        image = await service.image_for(queue_id, index, signature=ImageSignature(exp, sig))
-    else:
-        user = user_from_credentials(request, await bearer_scheme(request))
-        image = await service.image_for(queue_id, index, user_id=user.id)
+    image = await service.image_for(queue_id, index, user_id=access.user_id, signature=access.signature)
     try:
         url = await service.images.presigned_url(image, thumb, settings.image_url_ttl_seconds)
         if url is not None:
@@ -100,19 +118,13 @@ async def get_image(
 async def get_preview(
     queue_id: str,
     index: int,
-    request: Request,
     service: Service,
-    exp: Annotated[int | None, Query()] = None,
-    sig: Annotated[str | None, Query(max_length=64)] = None,
+    access: Access,
     v: Annotated[int | None, Query(description="the preview the URL was made for (the latest is sent)")] = None,
 ) -> Response:
     """A running image's latest in-progress preview: a small WebP, replaced as its steps go on and
     gone once the image finishes (then its `url` has the image). Signed like the image's URL."""
-    if exp is not None and sig is not None:
-        data = await service.preview_for(queue_id, index, signature=ImageSignature(exp, sig))
-    else:
-        user = user_from_credentials(request, await bearer_scheme(request))
-        data = await service.preview_for(queue_id, index, user_id=user.id)
+    data = await service.preview_for(queue_id, index, user_id=access.user_id, signature=access.signature)
     return Response(data, media_type="image/webp", headers={
         "Cache-Control": PREVIEW_CACHE_CONTROL,
         "Content-Disposition": f'inline; filename="{queue_id}-{index}-preview.webp"',

@@ -484,59 +484,43 @@ class QueueService:
         The caller is authorised before anything of the image is read: the owner check comes first,
         and a signature must be current before the image's record is read for the attempt it binds.
         Every failure answers the same, so a caller learns nothing of images not theirs."""
-        if signature is not None:
-            return await self._signed_image(queue_id, index, signature)
-        if user_id is None:
-            raise ValueError("image_for needs a user or a signature")
-        try:
-            await self.owned_queue(user_id, queue_id)
-        except NotFound:
-            raise NotFound(IMAGE_NOT_FOUND) from None
-        found = await self._succeeded(queue_id, index)
-        if found is None:
-            raise NotFound(IMAGE_NOT_FOUND)
-        return found
+        rec = await self._authorised_record(queue_id, index, user_id, signature)
+        if rec is None or rec.get("s") != ImageStatus.SUCCEEDED:
+            raise NotFound(LINK_NOT_FOUND if signature is not None else IMAGE_NOT_FOUND)
+        return ImageObject(queue_id, index, int(rec.get("a", 0)), rec)
 
     async def preview_for(
         self, queue_id: str, index: int, *, user_id: str | None = None, signature: ImageSignature | None = None
     ) -> bytes:
         """A running image's latest preview (WebP) for its owner, or for the holder of its attempt's
-        signed URL; NotFound otherwise. Authorised as image_for is, before anything is read."""
-        if signature is not None:
-            if not valid_queue_id(queue_id) or not image_signature_current(signature.expires, signature.signature):
-                raise NotFound(LINK_NOT_FOUND)
-        elif user_id is not None:
-            try:
-                await self.owned_queue(user_id, queue_id)
-            except NotFound:
-                raise NotFound(IMAGE_NOT_FOUND) from None
-        else:
-            raise ValueError("preview_for needs a user or a signature")
-        rec = (await self.store.records(queue_id, [index])).get(index)
-        if signature is not None and (rec is None or not check_image_signature(
-            self.settings, queue_id, index, int(rec.get("a", 0)), signature.expires, signature.signature
-        )):
-            raise NotFound(LINK_NOT_FOUND)
+        signed URL; NotFound otherwise. Authorised as image_for is, before the preview is read."""
+        rec = await self._authorised_record(queue_id, index, user_id, signature)
         data = await self.store.preview(queue_id, index) if rec and rec.get("s") == ImageStatus.RUNNING else None
         if data is None:
             raise NotFound(PREVIEW_NOT_FOUND)
         return data
 
-    async def _signed_image(self, queue_id: str, index: int, signature: ImageSignature) -> ImageObject:
-        if not valid_queue_id(queue_id) or not image_signature_current(signature.expires, signature.signature):
-            raise NotFound(LINK_NOT_FOUND)
-        found = await self._succeeded(queue_id, index)
-        if found is None or not check_image_signature(
-            self.settings, queue_id, index, found.attempt, signature.expires, signature.signature
-        ):
-            raise NotFound(LINK_NOT_FOUND)
-        return found
-
-    async def _succeeded(self, queue_id: str, index: int) -> ImageObject | None:
-        rec = (await self.store.records(queue_id, [index])).get(index)
-        if rec is None or rec.get("s") != ImageStatus.SUCCEEDED:
-            return None
-        return ImageObject(queue_id, index, int(rec.get("a", 0)), rec)
+    async def _authorised_record(
+        self, queue_id: str, index: int, user_id: str | None, signature: ImageSignature | None
+    ) -> dict[str, Any] | None:
+        """An image's record, once the caller is known to be its owner or to hold a signed URL for its
+        current attempt (NotFound otherwise, the same whatever exists); None when it has none."""
+        if signature is not None:
+            if not valid_queue_id(queue_id) or not image_signature_current(signature.expires, signature.signature):
+                raise NotFound(LINK_NOT_FOUND)
+            rec = (await self.store.records(queue_id, [index])).get(index)
+            if rec is None or not check_image_signature(
+                self.settings, queue_id, index, int(rec.get("a", 0)), signature.expires, signature.signature
+            ):
+                raise NotFound(LINK_NOT_FOUND)
+            return rec
+        if user_id is None:
+            raise ValueError("an image is read by its owner or with a signature")
+        try:
+            await self.owned_queue(user_id, queue_id)
+        except NotFound:
+            raise NotFound(IMAGE_NOT_FOUND) from None
+        return (await self.store.records(queue_id, [index])).get(index)
 
     @property
     def _user_ttl(self) -> int:
