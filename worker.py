@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda signum, _frame: early_stop.append(signum))
     signal.signal(signal.SIGINT, lambda signum, _frame: early_stop.append(signum))
 
-    import prometheus_client
     import redis
 
     from app.core.config import get_settings
     from app.core.logging import configure_logging
+    from app.core.metrics import serve_worker_metrics
     from app.services.models import load_catalog
     from app.services.queue.worker import ImageWorker, WorkerRuntime, queue_names
 
@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime = WorkerRuntime(settings, catalog, name=name, concurrency=args.concurrency, models=models)
     runtime.start(connection)
     if args.metrics_port:
-        prometheus_client.start_http_server(args.metrics_port, registry=runtime.metrics.registry)
+        serve_worker_metrics(runtime.metrics.registry, args.metrics_port, settings.worker_metrics_host,
+                             settings.metrics_token)
     log.info(
         "worker %s serving %s on %s, concurrency %d",
         name,

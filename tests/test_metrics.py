@@ -64,3 +64,17 @@ def test_metrics_token_guards_metrics_while_ready_stays_open(make_stack: MakeSta
         assert any(k.startswith("imagequeue_workers") for k in samples(scraped.text))
         assert client.get("/ready").json() == {"ready": True}  # orchestrators call it without a token
         assert client.get("/health").status_code == 200
+
+
+def test_metrics_token_guards_a_workers_metrics_too(make_stack: MakeStack) -> None:
+    port = free_port()
+    make_stack(worker_args=[f"--metrics-port={port}"], METRICS_TOKEN="scrape-token-0123456789",
+               WORKER_METRICS_HOST="127.0.0.1")
+    url = f"http://127.0.0.1:{port}/metrics"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, auth(new_user())):
+        refused = httpx.get(url, headers=headers)
+        assert refused.status_code == 401, headers
+        assert refused.headers["www-authenticate"] == "Bearer" and "METRICS_TOKEN" in refused.json()["detail"]
+        assert "imagequeue_" not in refused.text
+    scraped = httpx.get(url, headers={"Authorization": "Bearer scrape-token-0123456789"})
+    assert scraped.status_code == 200 and "imagequeue_worker_images_in_flight" in scraped.text

@@ -106,7 +106,8 @@ class Settings(BaseSettings):
     # Ops
     log_level: str = "INFO"
     log_prompts: bool = False  # put prompts on the workers' per-image log lines
-    metrics_token: str | None = None  # when set, GET /metrics needs it as a bearer token
+    metrics_token: str | None = None  # when set, GET /metrics (API and workers) needs it as a bearer token
+    worker_metrics_host: str = "0.0.0.0"  # where a worker's --metrics-port listens
 
     def check_auth(self) -> None:
         """Refuses an unsafe token configuration (ValueError). The API checks it at start; workers,

@@ -3,12 +3,17 @@ see services/queue/fleet.py), its timing middleware, and the workers' registry."
 
 from __future__ import annotations
 
+import hmac
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -122,3 +127,32 @@ class WorkerMetrics:
                 self.provider_errors.labels(model, kind).inc()
 
         return observe
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper holds up neither the next one nor the worker's exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        return None  # scrapes every few seconds are not news
+
+
+def serve_worker_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0",
+                         token: str | None = None) -> WSGIServer:
+    """A worker's metrics on http://host:port/metrics, in a daemon thread. With `token` (METRICS_TOKEN,
+    as on the API), a scrape without `Authorization: Bearer <token>` gets 401."""
+    exposition = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if token:
+            scheme, _, sent = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), token.encode()):
+                start_response("401 Unauthorized", [("Content-Type", "application/json"),
+                                                    ("WWW-Authenticate", "Bearer")])
+                return [b'{"detail": "worker metrics need the scrape token (Authorization: Bearer <METRICS_TOKEN>)"}']
+        return exposition(environ, start_response)  # type: ignore[no-any-return]
+
+    server = make_server(host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
