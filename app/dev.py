@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = dict(os.environ)
     embedded: RedisServer | None = None
-    if args.embedded_redis or (not env.get("REDIS_URL") and not env.get("REDIS_HOST")):
+    configured = get_settings().model_fields_set  # from the environment or .env
+    if args.embedded_redis or not configured & {"redis_url", "redis_host"}:
         if not args.embedded_redis and redis_answers(DEFAULT_REDIS_URL):
             env["REDIS_URL"] = DEFAULT_REDIS_URL
             print(f"using the Redis answering at {DEFAULT_REDIS_URL}")

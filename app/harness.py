@@ -286,9 +286,10 @@ class RedisServer:
 def isolated_env(redis_url: str, jwt_secret: str, **settings: object) -> dict[str, str]:
     """The environment of an API or worker process on `redis_url` with `settings` (names as the
     environment variables), and none of the caller's own imagequeue settings."""
-    own = {name.upper() for name in Settings.model_fields} | {"IMAGEQUEUE_DATA_DIR"}
+    own = {name.upper() for name in Settings.model_fields} | {"IMAGEQUEUE_DATA_DIR", "IMAGEQUEUE_ENV_FILE"}
     env = {k: v for k, v in os.environ.items() if k.upper() not in own}
-    env.update(REDIS_URL=redis_url, JWT_SECRET=jwt_secret, PYTHONUNBUFFERED="1")
+    # A developer's .env (read from the working directory) is not the test's configuration either.
+    env.update(REDIS_URL=redis_url, JWT_SECRET=jwt_secret, PYTHONUNBUFFERED="1", IMAGEQUEUE_ENV_FILE="")
     env.update({k: str(v) for k, v in settings.items()})
     return env
 

@@ -3,8 +3,11 @@ need a stack of their own."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+os.environ["IMAGEQUEUE_ENV_FILE"] = ""  # a developer's .env does not configure the tests (before app's imports)
 
 import httpx
 import pytest

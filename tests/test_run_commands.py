@@ -24,7 +24,8 @@ _CONFIG_PREFIXES = ("JWT_", "URL_SIGNING", "REDIS_", "IMAGE_", "MODELS_", "REQUI
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_CONFIG_PREFIXES)}
-    env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", **extra)
+    # IMAGEQUEUE_ENV_FILE empty: not even a developer's .env in the checkout configures these runs.
+    env.update(PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", IMAGEQUEUE_ENV_FILE="", **extra)
     return env
 
 

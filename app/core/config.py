@@ -1,7 +1,9 @@
-"""Settings, read once from the environment (and an optional `.env` file)."""
+"""Settings, read once from the environment (and an optional `.env` file: IMAGEQUEUE_ENV_FILE names
+another, and set empty reads none, as the test and benchmark processes do)."""
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 from pydantic import Field
@@ -11,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Every knob of the API and the workers; names match the environment variables."""
 
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_file=os.environ.get("IMAGEQUEUE_ENV_FILE", ".env") or None, extra="ignore")
 
     # Redis
     redis_url: str | None = None
