@@ -16,6 +16,9 @@ WORKDIR /app
 COPY --from=build /opt/venv /opt/venv
 COPY app ./app
 COPY worker.py ./
+# .data: where a file image store (IMAGE_STORE unset) keeps bytes; mount a volume shared by the API
+# and the workers there, or set IMAGE_STORE=s3://... (docker-compose.yml does).
+RUN mkdir -p /app/.data/images && chown -R 10001 /app/.data
 USER 10001
 EXPOSE 8000
 STOPSIGNAL SIGTERM
