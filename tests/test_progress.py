@@ -21,7 +21,7 @@ from app.services.providers.comfyui import ComfyUIProvider
 from app.services.providers.comfyui_workflow import Workflow
 from app.services.providers.factory import build_provider
 from app.services.providers.procedural import ProceduralProvider
-from app.services.providers.progress import Progress, ProgressFeed
+from app.services.providers.progress import Progress, ProgressFeed, immediate
 from tests.comfyui_server import ComfyUIServer
 from tests.provider_servers import ProviderServer
 from tests.utils import ROOT, TEST_SECRET
@@ -103,6 +103,40 @@ def test_a_plain_function_listener_is_called_too() -> None:
 
     asyncio.run(run())
     assert seen in ([1, 2], [2])  # the last value reaches an idle listener even as the image ends
+
+
+async def test_an_immediate_listener_is_called_from_report_itself_and_its_failure_is_contained() -> None:
+    seen: list[tuple[int, int, bytes | None]] = []
+
+    @immediate
+    def store(progress: Progress) -> None:
+        seen.append((progress.step, progress.steps, progress.preview))
+
+    feed = ProgressFeed(store)
+    feed.report(1, 4)
+    feed.preview(b"p", "image/png")
+    assert seen == [(1, 4, None), (1, 4, b"p")]  # at once: no task, no turn of the loop
+    assert feed._task is None
+    calls = []
+
+    @immediate
+    def broken(progress: Progress) -> None:
+        calls.append(progress.step)
+        raise RuntimeError("listener bug")
+
+    failing = ProgressFeed(broken)
+    failing.report(1, 2)
+    failing.report(2, 2)  # raised, logged once, and the provider never saw it
+    assert calls == [1, 2]
+    await feed.aclose()
+    feed.report(2, 4)
+    assert len(seen) == 2  # a closed feed delivers nothing
+
+
+async def test_procedural_sends_no_previews_for_steps_too_fast_to_see() -> None:
+    listener = Listener()
+    await ProceduralProvider(latency_ms=200).generate(request(listener, steps=4))  # 50 ms a step
+    assert [p.step for p in listener.seen][-1] == 4 and not [p for p in listener.seen if p.preview]
 
 
 # -- procedural -------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 
 With a progress listener it reports `steps` values (params.steps, default 4) spread over its simulated
 latency, each but the last with a small PNG preview of the final image, coarse first and sharper later,
-so the default set-up shows live progress with no GPU.
+so the default set-up shows live progress with no GPU. Previews come only where steps are at least
+PREVIEW_MIN_STEP_SECONDS apart: faster than that nobody would see them (a worker records a running
+image's progress every 0.5 s at most), and rendering them would only load the worker's CPU, which a
+model server's previews never do.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ MAX_PROCEDURAL_LATENCY_MS = 60_000
 DEFAULT_STEPS = 4
 MAX_STEPS = 50
 PREVIEW_MAX_SIDE = 64  # pixels of the sharpest preview's long side
+PREVIEW_MIN_STEP_SECONDS = 0.1
 
 
 def render(prompt: str, seed: int, width: int, height: int) -> bytes:
@@ -104,17 +108,18 @@ class ProceduralProvider:
             # Always in the executor: measured, even 64x64 renders (~0.2 ms) are better there at 32 slots,
             # since a burst of them on the loop delays every other slot's next claim.
             loop = asyncio.get_running_loop()
-            if not feed.wanted:
+            if not feed.wanted or latency / steps < PREVIEW_MIN_STEP_SECONDS:
                 data = await loop.run_in_executor(
                     None, render, request.prompt, request.seed, request.width, request.height
                 )
+                previews: list[bytes] = []
             else:
                 data, previews = await loop.run_in_executor(
                     None, render_with_previews, request.prompt, request.seed, request.width, request.height, steps
                 )
-                for step in range(1, steps + 1):
-                    await _sleep_until(started + latency * step / steps)
-                    feed.report(step, steps, *((previews[step - 1], "image/png") if step < steps else ()))
+            for step in range(1, steps + 1 if feed.wanted else 0):
+                await _sleep_until(started + latency * step / steps)
+                feed.report(step, steps, *((previews[step - 1], "image/png") if step <= len(previews) else ()))
             await _sleep_until(started + latency)
             return GeneratedImage(data)
         finally:

@@ -24,7 +24,7 @@ import redis
 
 from app.core.metrics import WorkerMetrics
 from app.services.images.encoding import ImageUnreadable, preview_webp
-from app.services.providers.progress import Progress, ProgressCallback
+from app.services.providers.progress import Progress, ProgressCallback, immediate
 from app.services.queue.store import Claim, ProgressNote, QueueStore
 
 log = logging.getLogger("imagequeue.worker")
@@ -81,6 +81,7 @@ class ProgressWriter:
         self._watched[key] = entry
         coalesced = self._coalesced
 
+        @immediate  # it stores the value: the writer's loop does the rest
         def on_progress(progress: Progress) -> None:
             if self._watched.get(key) is not entry:
                 return  # the image has ended
