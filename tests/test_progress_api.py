@@ -112,7 +112,7 @@ def test_comfyui_progress_reaches_status_preview_route_and_events(make_stack: Ma
 
     # Status: the fraction moved (at least three distinct values, rising), with an ETA from the steps.
     assert len(fractions) >= 3 and fractions == sorted(fractions), fractions
-    assert all(e is not None and 0 <= e < 10 for e in etas), etas
+    assert all(e is not None and 0 <= e < 30 for e in etas), etas
     assert etas[-1] is not None and etas[0] is not None and etas[-1] < etas[0], etas
     # The preview: a small WebP, fetched by its signed URL.
     assert preview is not None and preview.status_code == 200, preview
