@@ -18,6 +18,7 @@ from app.services.queue.store import (
     THROUGHPUT_BUCKET_MS,
     THROUGHPUT_BUCKET_TTL_SECONDS,
     THROUGHPUT_WINDOW_BUCKETS,
+    USER_EVENTS_KEEP_SECONDS,
     USER_EVENTS_MAXLEN,
     QueueStore,
     lua_preamble,
@@ -219,6 +220,21 @@ async def test_retry_gives_the_user_keys_it_recreates_a_lifetime(store: QueueSto
     assert keys
     for key in keys:
         assert await store.redis.ttl(key) > 0, key
+
+
+async def test_a_users_event_stream_keeps_the_last_hour_and_lives_an_hour(store: QueueStore) -> None:
+    """GET /events is live: the user's stream holds the last USER_EVENTS_KEEP_SECONDS of events and goes
+    that long after the last, whatever the user's other keys' lifetimes (each queue keeps its own events)."""
+    key = store.user_events_key("u10")
+    await store.redis.xadd(key, {"d": "{}"}, id="1-0")  # an event from long ago
+    await make(store, "keep", "u10", 1)
+    (claim,) = (await store.claim("w", ["m"], 1, {}, 60_000)).claims
+    await store.complete(claim, Outcome.SUCCEEDED, ttl=TTL, user_ttl=10 * USER_EVENTS_KEEP_SECONDS,
+                         record=stored("x"))
+    ids = [i.decode() for i, _ in await store.redis.xrange(key)]
+    assert ids and "1-0" not in ids
+    assert 0 < await store.redis.ttl(key) <= USER_EVENTS_KEEP_SECONDS
+    assert await store.redis.ttl(f"{PREFIX}u:u10:hist") > USER_EVENTS_KEEP_SECONDS  # the history stays longer
 
 
 async def test_a_status_is_read_in_one_snapshot(store: QueueStore) -> None:

@@ -16,7 +16,8 @@ Key layout (every key imagequeue writes; {qid} in braces is the queue's id, {uk}
   iq:q:{qid}:blob            hash    index -> image bytes
   iq:q:{qid}:ev              stream  the queue's events
   iq:u:{uk}:active / :hist   zset    the user's queue ids, unfinished / finished
-  iq:u:{uk}:ev               stream  the user's events (capped at USER_EVENTS_MAXLEN)
+  iq:u:{uk}:ev               stream  the user's events, for GET /events: the last USER_EVENTS_KEEP_SECONDS of
+                                     them (at most USER_EVENTS_MAXLEN), gone that long after the last
   iq:u:{uk}:prog             stream  the user's image.progress events: live only, capped at
                                      PROGRESS_STREAM_MAXLEN, gone PROGRESS_TTL_SECONDS after the last
   iq:u:{uk}:stats            hash    the user's claimable images ("pending")
@@ -72,7 +73,7 @@ from app.services.queue.states import (
 
 PREFIX = "iq:"
 QUEUE_KEY_SUFFIXES = ("", ":spec", ":img", ":retry", ":blob", ":ev")  # a queue's keys share its lifetime
-USER_KEY_SUFFIXES = (":active", ":hist", ":ev", ":stats", ":version")
+USER_KEY_SUFFIXES = (":active", ":hist", ":stats", ":version")  # (":ev" has a lifetime of its own)
 LEASES_KEY = PREFIX + "leases"
 INFLIGHT_KEY = PREFIX + "inflight"
 WORKERS_KEY = PREFIX + "workers"
@@ -88,6 +89,7 @@ CANCEL_CHANNEL = PREFIX + "cancel"
 RECORDS_ALL_ABOVE = 256  # a status page of more images reads all of a queue's records at once
 VERSION_FIELD = "v"  # of a queue's hash: bumped by every change of the queue (its status's ETag)
 USER_EVENTS_MAXLEN = 10_000
+USER_EVENTS_KEEP_SECONDS = 3600  # a live stream: a client away longer reloads its lists (each queue keeps its own)
 PREVIEW_KEY_SUFFIX = ":pv:"  # + index, after a queue's key
 PROGRESS_STREAM_SUFFIX = ":prog"  # after a user's key
 PROGRESS_TTL_SECONDS = 60  # a preview, and a user's progress stream, outlive their last write this long
@@ -150,6 +152,7 @@ def _lua_constants() -> dict[str, Any]:
         "VERSION_FIELD": VERSION_FIELD,
         "RECORDS_ALL_ABOVE": RECORDS_ALL_ABOVE,
         "USER_EVENTS_MAXLEN": USER_EVENTS_MAXLEN,
+        "USER_EVENTS_KEEP_SECONDS": USER_EVENTS_KEEP_SECONDS,
         "PREVIEW_KEY_SUFFIX": PREVIEW_KEY_SUFFIX,
         "PROGRESS_STREAM_SUFFIX": PROGRESS_STREAM_SUFFIX,
         "THROUGHPUT_BUCKET_MS": THROUGHPUT_BUCKET_MS,

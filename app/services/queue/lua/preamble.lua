@@ -67,8 +67,11 @@ local function emit(qid, uk, ev, now)
   if redis.call('HEXISTS', q, 'webhook') == 1 then redis.call('ZADD', WEBHOOKS_DUE_KEY, 'NX', ev.ts, qid) end
   local uev = ukey(uk) .. ':ev'
   redis.call('XADD', uev, 'MAXLEN', '~', USER_EVENTS_MAXLEN, '*', 'q', qid, 'i', id, 'd', data)
-  -- A user's stream made anew here (it had expired) lives at least as long as the queue.
-  if redis.call('TTL', uev) == -1 then redis.call('EXPIRE', uev, math.max(1, redis.call('TTL', q))) end
+  -- The user's stream serves GET /events, a live stream: it keeps the last USER_EVENTS_KEEP_SECONDS
+  -- (a client away longer reloads its lists; each queue's own stream keeps all its events), so an
+  -- active user costs at most that much of events, and an idle one nothing once it has passed.
+  redis.call('XTRIM', uev, 'MINID', now - USER_EVENTS_KEEP_SECONDS * 1000)
+  redis.call('EXPIRE', uev, USER_EVENTS_KEEP_SECONDS)
   changed(qid, uk)
 end
 
