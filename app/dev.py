@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if local is not None:
         env["JWT_SECRET"] = local.value
         print(f"{'generated a' if local.created else 'using the'} local JWT secret in {local.path}")
-    env.setdefault("PROCEDURAL_LATENCY_MS", "300")
+    env.setdefault("PROCEDURAL_LATENCY_MS", "1500")  # long enough for step progress and previews to show
 
     stopping = False
 
