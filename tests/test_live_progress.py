@@ -17,11 +17,13 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from app.core.config import Settings
 from app.core.metrics import WorkerMetrics
 from app.harness import RedisServer, free_port, start_worker
 from app.services.providers.base import ImageRequest
 from app.services.providers.procedural import ProceduralProvider
 from app.services.providers.progress import Progress
+from app.services.queue.queue_service import QueueService
 from app.services.queue.states import Outcome
 from app.services.queue.store import PROGRESS_TTL_SECONDS, Claim, ProgressNote, QueueStore, user_key
 from app.services.queue.worker.progress import ProgressWriter
@@ -47,6 +49,12 @@ async def running_image(store: QueueStore, qid: str = "q1", user: str = "alice",
     assert result.outcome == "created"
     (claim,) = (await store.claim("w", ["m"], 1, {}, 10_000)).claims
     return claim
+
+
+async def running_pair(store: QueueStore) -> tuple[Claim, Claim]:
+    first = await running_image(store, "pair", total=2)
+    (second,) = (await store.claim("w", ["m"], 1, {}, 10_000)).claims
+    return first, second
 
 
 async def progress_events(store: QueueStore, user: str = "alice") -> list[dict[str, object]]:
@@ -212,3 +220,96 @@ def test_worker_whose_redis_stalls_progress_still_delivers_every_image_on_time(
              for s in f.samples if s.name == "imagequeue_worker_progress_values_total"}
     assert found.get("dropped", 0) >= 1 and found.get("written", 0) == 0, found
     assert proxy.stalled >= 1
+
+
+# -- progress on the event streams, against the image events ----------------------------------------
+def events_service(store: QueueStore) -> QueueService:
+    settings = Settings(_env_file=None, jwt_secret="x" * 40)
+    return QueueService(store, None, settings, None,  # type: ignore[arg-type]  (only events are read)
+                        lambda q, i, a, e: f"/images/{q}/{i}?exp={e}&sig=s", None)  # type: ignore[arg-type]
+
+
+async def followed(svc: QueueService, key: str, after: str, live: str, live_after: str,
+                   batches: int) -> list[tuple[str, object, object]]:
+    stream = svc._follow(key, after, live, live_after, None)
+    out = []
+    try:
+        for _ in range(batches):
+            out += await stream.__anext__()
+    finally:
+        await stream.aclose()
+    return [(e.type, e.data.get("index"), e.data.get("status")) for e in out]
+
+
+async def test_progress_in_the_same_millisecond_as_the_images_end_comes_before_it(store: QueueStore) -> None:
+    """The two streams' ids can be equal (a last progress write and the report right after it): the
+    progress, written first, is sent first."""
+    svc = events_service(store)
+    uk = user_key("alice")
+    events, live = store.user_events_key(uk), store.progress_events_key(uk)
+    await store.redis.xadd(live, {"d": json.dumps({"type": "image.progress", "queue_id": "q", "index": 0,
+                                                    "attempt": 1, "step": 4, "steps": 4, "pv": 0})}, id="5000-0")
+    await store.redis.xadd(events, {"d": json.dumps({"type": "image", "queue_id": "q", "index": 0,
+                                                      "status": "succeeded", "attempt": 0})}, id="5000-0")
+    assert await followed(svc, events, "0-0", live, "0-0", 1) == [("image.progress", 0, None),
+                                                                   ("image", 0, "succeeded")]
+
+
+async def test_a_backlog_of_progress_never_comes_after_the_images_end(store: QueueStore) -> None:
+    """A reader more than a read's worth of progress behind gets it all before the events that follow."""
+    svc = events_service(store)
+    claim, _ = await running_pair(store)
+    uk = user_key("alice")
+    events, live = store.user_events_key(uk), store.progress_events_key(uk)
+    start, live_start = await store.newest_event_id(events), await store.newest_event_id(live)
+    for base in range(0, 700, 100):
+        await store.write_progress([ProgressNote(claim, base + k + 1, 1000) for k in range(100)])
+    await store.complete(claim, Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL)
+    got = await followed(svc, events, start, live, live_start, 2)
+    done = got.index(("image", 0, "succeeded"))
+    assert ("image.progress", 0, None) in got[:done] and ("image.progress", 0, None) not in got[done:], got
+
+
+async def test_the_step_share_of_running_images_returns_to_zero_on_every_way_out(store: QueueStore) -> None:
+    qid = "share"
+    result = await store.create(
+        queue_id=qid, uk=user_key("bob"), fields={"model": "m", "priority": "normal", "total": 3, "user": "bob"},
+        spec=json.dumps({"prompts": ["p"], "count": 3, "seed": 0}), safety_ttl=TTL, idempotency_key=None,
+        fingerprint="", idempotency_ttl=TTL, max_pending=0, max_active=0,
+    )
+    assert result.outcome == "created"
+    claims = (await store.claim("w", ["m"], 3, {}, 10_000)).claims
+    await store.write_progress([ProgressNote(c, 1, 3) for c in claims])
+    await store.write_progress([ProgressNote(claims[0], 2, 3), ProgressNote(claims[1], 0, 0),
+                                ProgressNote(claims[2], 3, 3)])
+    meta = await store.meta(qid)
+    assert meta is not None and abs(float(meta["pf"]) - (2 / 3 + 1)) < 1e-9
+    await store.complete(claims[0], Outcome.REQUEUE, ttl=TTL, user_ttl=TTL)  # handed back
+    await store.cancel(qid, user_key("bob"), TTL, TTL)
+    await store.complete(claims[1], Outcome.SUCCEEDED, ttl=TTL, user_ttl=TTL)
+    await store.complete(claims[2], Outcome.FAILED, ttl=TTL, user_ttl=TTL, error="x")
+    meta = await store.meta(qid)
+    assert meta is not None and abs(float(meta.get("pf", 0))) < 1e-9
+
+
+async def test_the_step_rate_for_the_eta_leaves_out_time_before_the_steps(store: QueueStore) -> None:
+    """An image that waited 1 s before its first step (a model loading), then went 0.1 s a step: about
+    1.9 s in all, not the 4 s that time-since-claim over steps-done would say."""
+    claim = await running_image(store, "rate")
+    await asyncio.sleep(1.0)
+    await store.write_progress([ProgressNote(claim, 1, 10)])
+    meta = await store.meta("rate")
+    assert meta is not None and "pe" not in meta  # one point gives no rate yet
+    await asyncio.sleep(0.2)
+    await store.write_progress([ProgressNote(claim, 3, 10)])
+    meta = await store.meta("rate")
+    assert meta is not None and 1600 <= float(meta["pe"]) <= 2600, meta
+
+
+async def test_a_running_images_preview_lasts_while_its_lease_is_renewed(store: QueueStore) -> None:
+    claim = await running_image(store, "quiet")
+    await store.write_progress([ProgressNote(claim, 3, 10, b"webp")])
+    key = f"iq:q:{{{claim.queue_id}}}:pv:0"
+    await store.redis.expire(key, 2)  # the provider went quiet for most of PROGRESS_TTL_SECONDS
+    await store.renew([claim.lease_member], 10_000)
+    assert await store.redis.ttl(key) > PROGRESS_TTL_SECONDS - 5

@@ -110,10 +110,10 @@ def test_comfyui_progress_reaches_status_preview_route_and_events(make_stack: Ma
             replay.run()
         stack.stop()
 
-    # Status: the fraction moved (at least three distinct values, rising), with an ETA from the steps.
+    # Status: the fraction moved (at least three distinct values, rising), with an ETA from the step rate.
     assert len(fractions) >= 3 and fractions == sorted(fractions), fractions
-    assert all(e is not None and 0 <= e < 30 for e in etas), etas
-    assert etas[-1] is not None and etas[0] is not None and etas[-1] < etas[0], etas
+    known = [e for e in etas[1:] if e is not None]  # the step rate needs two writes
+    assert len(known) >= 2 and all(0 <= e < 30 for e in known) and known[-1] < known[0], etas
     # The preview: a small WebP, fetched by its signed URL.
     assert preview is not None and preview.status_code == 200, preview
     assert preview.headers["content-type"] == "image/webp"

@@ -95,7 +95,7 @@ def eta(meta: Mapping[str, str], counts: dict[str, int], ahead: int | None, sche
         elapsed = max(0.001, (schedule.server_ms - int(started)) / 1000)  # both by Redis's clock
         return round(remaining * elapsed / done, 1)
     if running and meta.get("pe"):  # ms one image takes, by its steps: `running` go at a time
-        return round(remaining * int(meta["pe"]) / 1000 / running, 1)
+        return round(remaining * float(meta["pe"]) / 1000 / running, 1)
     if schedule.rate > 0:
         return round(((ahead or 0) + remaining) / schedule.rate, 1)
     return None

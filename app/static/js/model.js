@@ -68,6 +68,8 @@ export function mergeImages(q, images, force) {
 export function mergeProgress(q, ev) {
   const old = q.images.get(ev.index);
   if (old && (IMAGE_RANK[old.status] > IMAGE_RANK.running || (old.attempt || 0) > ev.attempt)) return false;
+  // Pending again at this attempt (handed back): its run is over, whatever late progress says.
+  if (old && old.status === "pending" && (old.attempt || 0) >= ev.attempt) return false;
   if (old && old.progress && old.attempt === ev.attempt && old.progress.step > ev.step) return false;
   const base = old || { index: ev.index, prompt: null, seed: null, error: null, url: null, thumb: null };
   q.images.set(ev.index, {

@@ -4,13 +4,14 @@
 -- preview in a short-lived key of its own; and each write is an entry of the user's progress
 -- stream, which the event streams merge live and never replay. The queue's meta keeps what its
 -- ETA needs: `pf`, the sum of its running images' fractions, and `pe`, a running estimate (ms) of
--- how long one image takes, from the step rate (elapsed since the claim × steps / step).
+-- how long one image takes: its time so far, and its steps left at the rate of its latest steps.
 
 -- @script progress
 -- ARGV: ttl, maxlen, then six per image: qid, idx, attempt, step, steps, preview ('' for none).
 -- Writes only for images still running at that attempt (a late write after the image settled or
 -- moved to another attempt is dropped). Returns how many were written.
 local ttl, maxlen = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ESTIMATE_MAX_MS = 86400000
 local now = server_now()
 local written = 0
 for i = 3, #ARGV, 6 do
@@ -23,8 +24,11 @@ for i = 3, #ARGV, 6 do
     local before = (rec.pn and rec.pn > 0) and rec.ps / rec.pn or 0
     local fraction = steps > 0 and math.min(1, step / steps) or 0
     if fraction ~= before then redis.call('HINCRBYFLOAT', q, 'pf', fraction - before) end
-    if step > 0 and steps > 0 and rec.t0 then
-      local estimate = (now - tonumber(rec.t0)) * steps / step
+    -- The step rate between this write and the last, not since the claim: time before the steps
+    -- (a model loading, the server's own queue) says nothing of how long the rest will take.
+    if rec.ps and rec.pt and rec.t0 and step > rec.ps and steps > 0 then
+      local per_step = (now - tonumber(rec.pt)) / (step - rec.ps)
+      local estimate = math.min(now - tonumber(rec.t0) + per_step * math.max(0, steps - step), ESTIMATE_MAX_MS)
       local pe = tonumber(redis.call('HGET', q, 'pe'))
       if pe then estimate = 0.7 * pe + 0.3 * estimate end
       redis.call('HSET', q, 'pe', math.floor(estimate))

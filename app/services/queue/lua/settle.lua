@@ -109,7 +109,12 @@ local queues = {}
 for i = 3, #ARGV do
   args[#args + 1] = expiry
   args[#args + 1] = ARGV[i]
-  queues[string.sub(ARGV[i], 1, string.find(ARGV[i], '|', 1, true) - 1)] = true
+  local bar = string.find(ARGV[i], '|', 1, true)
+  local qid = string.sub(ARGV[i], 1, bar - 1)
+  queues[qid] = true
+  -- A running image's latest preview lasts as long as the image runs, however long its provider
+  -- goes quiet (a long decode after the last step): the status keeps naming it.
+  redis.call('EXPIRE', qkey(qid) .. PREVIEW_KEY_SUFFIX .. string.sub(ARGV[i], bar + 1), PROGRESS_TTL_SECONDS)
 end
 if #args == 0 then return 0 end
 for qid in pairs(queues) do
