@@ -356,6 +356,12 @@ def test_status_images_can_be_paged(client: httpx.Client) -> None:
     assert [i["index"] for i in page["images"]] == [10, 11, 12, 13, 14]
     summary = client.get(f"/queue-status/{qid}?images_limit=0", headers=headers).json()
     assert summary["images"] is None and summary["total"] == 30
+    far = client.get(f"/queue-status/{qid}?images_offset={2**31 - 1}&images_limit={2**31 - 1}", headers=headers)
+    assert far.status_code == 200 and far.json()["images"] == []
+    for query in (f"images_limit={10**20}", f"images_offset={2**31}"):  # refused, not a 500
+        refused = client.get(f"/queue-status/{qid}?{query}", headers=headers)
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][0] == "query", query
+    assert client.get(f"/history?images_limit={10**20}", headers=headers).status_code == 422
     wait_status(client, headers, qid, {"completed"})
 
 

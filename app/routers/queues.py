@@ -19,6 +19,7 @@ router = APIRouter(tags=["queues"], responses=COMMON_RESPONSES)
 log = logging.getLogger("imagequeue.api")
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
+MAX_PAGE_INDEX = 2**31 - 1  # far past any queue's size; larger numbers are refused (422), not carried into Redis
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown queue, or someone else's"}}
 _NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
     304: {"description": "Not modified: If-None-Match names the answer's current ETag (every 200 carries one)"}
@@ -59,8 +60,10 @@ async def queue_status(
     request: Request,
     user: CurrentUser,
     service: Service,
-    images_offset: Annotated[int, Query(ge=0)] = 0,
-    images_limit: Annotated[int | None, Query(ge=0, description="0 = counts only; omitted = all")] = None,
+    images_offset: Annotated[int, Query(ge=0, le=MAX_PAGE_INDEX)] = 0,
+    images_limit: Annotated[
+        int | None, Query(ge=0, le=MAX_PAGE_INDEX, description="0 = counts only; omitted = all")
+    ] = None,
 ) -> QueueStatus:
     """A queue's status, counts, position, ETA and (a page of) its images; 304 while If-None-Match names it."""
     answer = await service.status_answer(
@@ -120,12 +123,12 @@ async def history(
     user: CurrentUser,
     service: Service,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_PAGE_INDEX)] = 0,
     status: Annotated[QueueState | None, Query()] = None,
     tag: Annotated[str | None, Query(max_length=64)] = None,
     search: Annotated[str | None, Query(max_length=200)] = None,
     images_limit: Annotated[
-        int | None, Query(ge=0, description="First N images of each queue (0 = none); omitted = all")
+        int | None, Query(ge=0, le=MAX_PAGE_INDEX, description="First N images of each queue (0 = none); omitted = all")
     ] = None,
 ) -> HistoryPage:
     """The user's finished queues within the TTL, newest first, with their images."""
