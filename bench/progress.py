@@ -1,7 +1,7 @@
 """Benchmark: throughput with step progress on against off (WORKER_PROGRESS), in the same run, and
 the Redis writes progress costs per image.
 
-python -m bench.progress [--latency-ms 50] [--concurrency 32] [--steps 4] [--images 2000] [--rounds 3]
+python -m bench.progress [--latency-ms 50] [--concurrency 32] [--steps 4] [--images 2000] [--rounds 5]
 
 One worker (--concurrency=N) on a private Redis, the built-in provider reporting `steps` steps per
 image, each but the last with a preview (what it renders for them is part of the cost measured).
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     n, lat, steps = args.concurrency, args.latency_ms, args.steps
     print(f"# progress on/off: procedural provider, {SIZE}x{SIZE}, N={n}, L={lat:g} ms, {steps} steps", flush=True)
