@@ -29,7 +29,8 @@ from tests.seaweedfs import SEAWEEDFS_BUCKET, SeaweedServer
 def provider_alone(url: str, images: int, concurrency: int, size: int) -> float:
     async def run() -> float:
         async with httpx.AsyncClient(base_url=url, timeout=120,
-                                     limits=httpx.Limits(max_connections=concurrency)) as client:
+                                     limits=httpx.Limits(max_connections=concurrency,
+                                                         max_keepalive_connections=concurrency)) as client:
             slots = asyncio.Semaphore(concurrency)
 
             async def one(i: int) -> None:

@@ -20,6 +20,7 @@ from app.services.image_service import ImageService
 from app.services.images import ImageStore, open_store
 from app.services.models import Catalog, ModelConfig
 from app.services.providers.factory import build_model_provider
+from app.services.providers.transport import provider_client
 from app.services.queue.store import REDIS_ENCODING_ERRORS, QueueStore
 from app.services.queue.tickets import Tickets, ticket_timeout
 from app.services.queue.worker.duties import Duties
@@ -153,8 +154,7 @@ class WorkerRuntime:
         )
         self._redis = redis.asyncio.Redis(connection_pool=pool)
         self.store = QueueStore(self._redis)
-        limits = httpx.Limits(max_connections=max(10, self.concurrency * 2), max_keepalive_connections=self.concurrency)
-        self._http = httpx.AsyncClient(limits=limits, timeout=s.provider_timeout_seconds)
+        self._http = provider_client(self.concurrency, s.provider_timeout_seconds)
         for name in self.models:
             self.services[name] = self._service(self.catalog.models[name])
         self.images = open_store(s, self._redis)
