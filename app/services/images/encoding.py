@@ -22,6 +22,9 @@ CONTENT_TYPES: dict[str, str] = {"png": "image/png", "webp": "image/webp", "jpeg
 DEFAULT_QUALITY = 90  # for webp and jpeg when the request names none
 THUMBNAIL_PX = 256  # longest side
 THUMBNAIL_QUALITY = 75
+# libwebp's effort for thumbnails and previews: at 256 px, method 1 took a third of method 4's time
+# (2.3 against 7.2 ms) for a slightly smaller file (9.9 against 10.7 kB of a photo-like image)
+THUMBNAIL_METHOD = 1
 PREVIEW_QUALITY = 60  # a running image's preview: seen for a moment, replaced at the next step
 MAX_PIXELS = 64 * 1024 * 1024  # far past any configurable size: a provider's answer beyond it is refused
 
@@ -105,5 +108,5 @@ def _thumbnail(im: ImageFile.ImageFile, quality: int = THUMBNAIL_QUALITY) -> byt
     if small.mode not in ("RGB", "RGBA"):
         small = small.convert("RGBA" if "A" in small.getbands() else "RGB")
     buf = io.BytesIO()
-    small.save(buf, "WEBP", quality=quality, method=4)
+    small.save(buf, "WEBP", quality=quality, method=THUMBNAIL_METHOD)
     return buf.getvalue()

@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Coroutine, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import httpx
@@ -69,6 +69,11 @@ class WorkerRuntime:
         self.metrics = WorkerMetrics()
         self.slots = Slots(concurrency, self.metrics.in_flight)
         self.loop = new_loop()
+        # Each finished image takes up to three blocking jobs (encode, the image's write, the
+        # thumbnail's), mostly waits on the disk or the network: asyncio's default pool (cores + 4
+        # threads) queued them behind each other and filled the upload backlog, which holds slots.
+        self.loop.set_default_executor(
+            ThreadPoolExecutor(max_workers=max(8, concurrency + 4), thread_name_prefix="imagequeue-blocking"))
         self._thread = threading.Thread(target=self._run_loop, name="imagequeue-loop", daemon=True)
         self._stopping = False
         self._draining = False
