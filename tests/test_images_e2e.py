@@ -7,6 +7,7 @@ import io
 import json
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,31 @@ def test_images_go_to_the_file_store_and_redis_keeps_only_records(make_stack: Ma
         assert with_token.status_code == 200 and with_token.headers["content-type"] == "image/webp"
 
 
+def test_a_png_kept_as_sent_gets_its_thumbnail_when_first_asked_for(make_stack: MakeStack) -> None:
+    """The worker does not decode an image it keeps as the provider sent it: the API makes the
+    thumbnail on the first request (once, however many ask together) and serves it from the store after."""
+    with images_stack(make_stack) as (client, env, r):
+        headers = auth(new_user())
+        done = run_queue(client, headers, prompts=["a lighthouse"], width=512, height=384)
+        qid = done["queue_id"]
+        rec = records(r, qid)[0]
+        assert rec["k"] == f"{qid}/0-1.png" and "tk" not in rec
+        made = directory(env) / qid / "0-1.thumb.webp"
+        assert not made.exists()
+        url = done["images"][0]["thumbnail_url"]
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: httpx.get(client.base_url.join(url)), range(8)))
+        assert {a.status_code for a in answers} == {200} and len({a.content for a in answers}) == 1
+        thumb = Image.open(io.BytesIO(answers[0].content))
+        assert thumb.format == "WEBP" and thumb.size == (256, 192)
+        assert made.read_bytes() == answers[0].content
+        mtime = made.stat().st_mtime_ns
+        again = client.get(url, headers={"If-None-Match": answers[0].headers["etag"]})
+        assert again.status_code == 304 and made.stat().st_mtime_ns == mtime  # served, not made again
+        full = client.get(done["images"][0]["url"])
+        assert full.headers["content-type"] == "image/png" and Image.open(io.BytesIO(full.content)).size == (512, 384)
+
+
 def test_output_format_is_validated(client: httpx.Client) -> None:
     headers = auth(new_user())
     for body, field in (({"output_format": "gif"}, "output_format"), ({"output_quality": 0, "output_format": "jpeg"},
@@ -107,11 +133,15 @@ def test_a_vanished_object_is_a_404_that_says_so_and_delete_removes_the_queues_o
         done = run_queue(client, headers, prompts=["a", "b", "c"])
         qid = done["queue_id"]
         queue_dir = directory(env) / qid
-        assert len(list(queue_dir.iterdir())) == 6  # three PNGs, three thumbnails
+        assert len(list(queue_dir.iterdir())) == 3  # three PNGs (thumbnails come when asked for)
+        assert client.get(done["images"][2]["thumbnail_url"]).status_code == 200
+        assert len(list(queue_dir.iterdir())) == 4
         (queue_dir / "0-1.png").unlink()
         gone = client.get(done["images"][0]["url"])
         assert gone.status_code == 404
         assert "no longer in the image store" in gone.json()["detail"]
+        gone_thumb = client.get(done["images"][0]["thumbnail_url"])  # nothing left to make it from
+        assert gone_thumb.status_code == 404 and "no longer in the image store" in gone_thumb.json()["detail"]
         assert client.get(done["images"][1]["url"]).status_code == 200
         assert client.delete(f"/queue/{qid}", headers=headers).status_code == 204
         assert not queue_dir.exists()
@@ -124,6 +154,8 @@ def test_expired_queues_leave_nothing_in_the_store(make_stack: MakeStack) -> Non
         headers = auth(new_user())
         done = run_queue(client, headers, prompts=["short-lived"], count=3)
         qid = done["queue_id"]
+        for image in done["images"]:
+            assert client.get(image["thumbnail_url"]).status_code == 200
         assert len(list((directory(env) / qid).iterdir())) == 6
         wait_until(lambda: not (directory(env) / qid).exists(), ttl + sweep + 10, interval=0.2,
                    what="the sweep to remove the expired queue's objects")

@@ -43,10 +43,11 @@ class EncodedImage:
 
 
 def encode(
-    data: bytes, output_format: OutputFormat = "png", quality: int | None = None, *, thumbnail: bool = True
+    data: bytes, output_format: OutputFormat = "png", quality: int | None = None, *, thumbnail: bool | None = True
 ) -> EncodedImage:
     """The image in `output_format` (the provider's bytes as they are when already in that format,
-    unless a lossy quality was asked for), its size and, with `thumbnail`, a small WebP of it."""
+    unless a lossy quality was asked for), its size and, with `thumbnail`, a small WebP of it (None:
+    only when the pixels had to be decoded anyway, to re-encode them)."""
     with _reading(data, "image") as im:
         width, height = im.size
         source = (im.format or "").lower()
@@ -55,8 +56,15 @@ def encode(
         if not keep:
             im.load()
             out = _save(im, output_format, quality or DEFAULT_QUALITY)
-        thumb = _thumbnail(im) if thumbnail else None
+        thumb = _thumbnail(im) if thumbnail or (thumbnail is None and not keep) else None
     return EncodedImage(out, content_type, width, height, thumb)
+
+
+def thumbnail_webp(data: bytes) -> bytes:
+    """A stored image's thumbnail, made when it is first asked for (the worker makes none for images
+    it stores as the provider sent them: decoding a large PNG is most of a worker's CPU per image)."""
+    with _reading(data, "image") as im:
+        return _thumbnail(im)
 
 
 def preview_webp(data: bytes) -> bytes:
@@ -84,7 +92,7 @@ def _reading(data: bytes, what: str) -> Iterator[ImageFile.ImageFile]:
 
 
 async def encode_async(
-    data: bytes, output_format: OutputFormat = "png", quality: int | None = None, *, thumbnail: bool = True
+    data: bytes, output_format: OutputFormat = "png", quality: int | None = None, *, thumbnail: bool | None = True
 ) -> EncodedImage:
     return await asyncio.to_thread(encode, data, output_format, quality, thumbnail=thumbnail)
 

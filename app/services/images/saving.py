@@ -13,9 +13,8 @@ from typing import Any
 
 from app.services.images.base import ImageStore, StoreError, image_key, thumbnail_key
 from app.services.images.encoding import OutputFormat, encode_async
+from app.services.images.serving import THUMBNAIL_TYPE
 from app.services.images.upload import put_retrying
-
-THUMBNAIL_TYPE = "image/webp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,11 +48,14 @@ async def save_image(
     quality: int | None = None,
     give_up_after: float,
     on_retry: Callable[[int, StoreError], None] | None = None,
+    thumbnail: bool | None = None,
 ) -> SavedImage:
     """Encodes (in a thread) and writes the image, then its thumbnail, retrying while the store is
-    away for at most `give_up_after` seconds in all. Raises ImageUnreadable or StoreUnreachable."""
+    away for at most `give_up_after` seconds in all. Raises ImageUnreadable or StoreUnreachable.
+    The thumbnail is made here only where the image was decoded anyway (`thumbnail` None: see
+    encoding.encode); otherwise the API makes it on first request (serving.py)."""
     deadline = time.monotonic() + give_up_after
-    encoded = await encode_async(data, output_format, quality)
+    encoded = await encode_async(data, output_format, quality, thumbnail=thumbnail)
     key = image_key(queue_id, index, attempt, encoded.content_type)
     stored = await put_retrying(store, key, encoded.data, encoded.content_type,
                                 give_up_after=max(0.0, deadline - time.monotonic()), on_retry=on_retry)

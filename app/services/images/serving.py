@@ -1,10 +1,15 @@
 """Serving a stored image to its owner: the object behind an image record, opened as a stream, or a
 presigned URL to send the browser to; a vanished object or a store this process cannot see is
-told apart in words."""
+told apart in words. A thumbnail the worker did not make (it makes none for images kept as the
+provider sent them) is made here when first asked for, stored beside the image, and served from
+the store from then on."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import zlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +21,14 @@ from app.services.images.base import (
     StoreError,
     content_type_of,
     single_chunk,
+    thumbnail_key,
 )
+from app.services.images.encoding import ImageUnreadable, thumbnail_webp
+
+log = logging.getLogger("imagequeue.images")
+
+THUMBNAIL_TYPE = "image/webp"
+KNOWN_THUMBNAILS = 100_000  # thumbnails this process knows exist (so it need not look again)
 
 LegacyReader = Callable[[str, int], Awaitable[bytes | None]]
 
@@ -40,6 +52,7 @@ class ImageObject:
         return "k" not in self.record
 
     def key(self, thumbnail: bool) -> str:
+        """The image's key, or its thumbnail's as the worker stored it (the image's when it made none)."""
         if thumbnail and self.record.get("tk"):
             return str(self.record["tk"])
         return str(self.record["k"])
@@ -57,6 +70,8 @@ class ImageServer:
         self.store = store
         self.legacy = legacy
         self.store_id: str | None = None
+        self._thumbnails: OrderedDict[str, None] = OrderedDict()  # made or found: known to exist
+        self._making: dict[str, asyncio.Future[str]] = {}
 
     async def identify(self) -> str | None:
         if self.store_id is None:
@@ -69,18 +84,52 @@ class ImageServer:
     async def presigned_url(self, image: ImageObject, thumbnail: bool, expires_seconds: int) -> str | None:
         if image.in_redis:
             return None
-        return await self.store.presigned_url(image.key(thumbnail), expires_seconds)
+        key = await self._thumbnail_key(image) if thumbnail else image.key(False)
+        return await self.store.presigned_url(key, expires_seconds)
 
     async def open(self, image: ImageObject, thumbnail: bool, byte_range: tuple[int, int] | None) -> ObjectStream:
-        """The image's bytes (its thumbnail's when asked and there is one). ImageGone when the object
-        has vanished; StoreUnavailable when the store cannot be reached."""
+        """The image's bytes (its thumbnail's when asked). ImageGone when the object has vanished;
+        StoreUnavailable when the store cannot be reached."""
         if image.in_redis:
             return await self._open_legacy(image, byte_range)
-        key = image.key(thumbnail)
+        key = await self._thumbnail_key(image) if thumbnail else image.key(False)
         try:
             return await self.store.open(key, byte_range)
         except ObjectMissing:
+            self._thumbnails.pop(key, None)
             raise ImageGone(await self._why_missing(image)) from None
+
+    async def _thumbnail_key(self, image: ImageObject) -> str:
+        """The key of the image's thumbnail: the worker's, or one made now (once, however many ask at
+        the same moment). The image's own key when its bytes cannot be read as an image."""
+        if image.record.get("tk"):
+            return str(image.record["tk"])
+        key = thumbnail_key(image.queue_id, image.index, image.attempt)
+        if key in self._thumbnails:
+            return key
+        making = self._making.get(key)
+        if making is None:
+            making = asyncio.ensure_future(self._make_thumbnail(image, key))
+            self._making[key] = making
+            making.add_done_callback(lambda _: self._making.pop(key, None))
+        return await asyncio.shield(making)
+
+    async def _make_thumbnail(self, image: ImageObject, key: str) -> str:
+        if not await self.store.exists(key):
+            try:
+                data = await self.store.get(image.key(False))
+            except ObjectMissing:
+                raise ImageGone(await self._why_missing(image)) from None
+            try:
+                thumb = await asyncio.to_thread(thumbnail_webp, data)
+            except ImageUnreadable as exc:
+                log.warning("no thumbnail for image %s/%s: %s", image.queue_id, image.index, exc)
+                return image.key(False)
+            await self.store.put(key, thumb, THUMBNAIL_TYPE)
+        self._thumbnails[key] = None
+        if len(self._thumbnails) > KNOWN_THUMBNAILS:
+            self._thumbnails.popitem(last=False)
+        return key
 
     async def _why_missing(self, image: ImageObject) -> str:
         written_to = str(image.record.get("sid") or "")
