@@ -242,17 +242,19 @@ async def followed(svc: QueueService, key: str, after: str, live: str, live_afte
 
 
 async def test_progress_in_the_same_millisecond_as_the_images_end_comes_before_it(store: QueueStore) -> None:
-    """The two streams' ids can be equal (a last progress write and the report right after it): the
-    progress, written first, is sent first."""
+    """A last progress write and the report right after it can fall in one millisecond, where each
+    stream numbers its own entries (a progress id may even be the larger): the progress, written
+    first, is sent first."""
     svc = events_service(store)
     uk = user_key("alice")
     events, live = store.user_events_key(uk), store.progress_events_key(uk)
-    await store.redis.xadd(live, {"d": json.dumps({"type": "image.progress", "queue_id": "q", "index": 0,
-                                                    "attempt": 1, "step": 4, "steps": 4, "pv": 0})}, id="5000-0")
-    await store.redis.xadd(events, {"d": json.dumps({"type": "image", "queue_id": "q", "index": 0,
-                                                      "status": "succeeded", "attempt": 0})}, id="5000-0")
-    assert await followed(svc, events, "0-0", live, "0-0", 1) == [("image.progress", 0, None),
-                                                                   ("image", 0, "succeeded")]
+    for index, (progress_id, event_id) in enumerate((("5000-0", "5000-0"), ("6000-7", "6000-0"))):
+        await store.redis.xadd(live, {"d": json.dumps({"type": "image.progress", "queue_id": "q", "index": index,
+                                                        "attempt": 1, "step": 4, "steps": 4, "pv": 0})}, id=progress_id)
+        await store.redis.xadd(events, {"d": json.dumps({"type": "image", "queue_id": "q", "index": index,
+                                                          "status": "succeeded", "attempt": 0})}, id=event_id)
+    assert await followed(svc, events, "0-0", live, "0-0", 1) == [
+        ("image.progress", 0, None), ("image", 0, "succeeded"), ("image.progress", 1, None), ("image", 1, "succeeded")]
 
 
 async def test_a_backlog_of_progress_never_comes_after_the_images_end(store: QueueStore) -> None:
