@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import binascii
 import email.utils
 import io
 import time
@@ -16,6 +17,7 @@ from app.services.image_service import ImageService
 from app.services.providers.automatic1111 import Automatic1111Provider
 from app.services.providers.base import ImageRequest, ProviderRejected, ProviderUnavailable
 from app.services.providers.factory import build_provider
+from app.services.providers.http import decode_b64
 from app.services.providers.procedural import ProceduralProvider
 from tests.provider_servers import ProviderServer
 
@@ -251,3 +253,11 @@ def test_build_provider_rejects_bad_config() -> None:
         build_provider("openai", client=None, url=None, api_key=None, model=None, timeout=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="known"):
         build_provider("dalle9", client=None, url="http://x", api_key=None, model=None, timeout=1)  # type: ignore[arg-type]
+
+
+async def test_base64_images_are_checked_strictly() -> None:
+    assert await decode_b64("aGVsbG8=") == b"hello"
+    assert await decode_b64("data:image/png;base64,aGVsbG8=") == b"hello"
+    for bad in ("aGVs bG8=", "aGVsbG8", "aGVsbG8===", "!!!!", "aGVs\nbG8="):
+        with pytest.raises(binascii.Error):
+            await decode_b64(bad)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import contextlib
 import email.utils
@@ -13,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import httpx
+import orjson
 
 from app.services.providers.base import (
     GeneratedImage,
@@ -76,7 +76,9 @@ def _detail_text(detail: object) -> str:
 
 
 def _b64(payload: str) -> bytes:
-    return base64.b64decode(payload, validate=True)
+    # Strict checking in C: base64.b64decode(validate=True) runs a regular expression over the whole
+    # text first, which for a 1024x1024 image took more CPU than the decoding.
+    return binascii.a2b_base64(payload, strict_mode=True)
 
 
 async def decode_b64(payload: str) -> bytes:
@@ -170,7 +172,7 @@ class HttpProvider:
         if status >= 400:
             raise self._error(ProviderRejected, f"{status} {error_text(response)}")
         try:
-            return response.json()
+            return orjson.loads(response.content)  # a few MB of base64 parse several times faster than with json
         except ValueError as exc:
             raise self._error(
                 ProviderRejected, f"returned no image: answered {status} with a body that is not JSON"
