@@ -6,9 +6,10 @@ import json
 import re
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.core.errors import Unauthorized, Unprocessable
@@ -82,32 +83,38 @@ def _valid_event_id(value: str) -> bool:
     return bool(_EVENT_ID.match(value)) and all(int(part) <= MAX_ID_PART for part in value.split("-"))
 
 
-@router.get("/queue-events/{queue_id}", response_class=EventSourceResponse)
-async def queue_events(
-    queue_id: str,
+@dataclass(frozen=True, slots=True)
+class StreamRequest:
+    """Who reads an event stream, and from where (None: from the start, or from now on)."""
+
+    user: User
+    resume_from: str | None
+
+
+async def stream_request(
     request: Request,
-    service: Service,
     token: Annotated[str | None, Query(max_length=1024)] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
     resume: Annotated[str | None, Query(alias="last_event_id", max_length=64)] = None,
-) -> EventSourceResponse:
+) -> StreamRequest:
+    """The reader (bearer header or `?token=`) and its resume point, both checked before the stream starts."""
+    return StreamRequest(await _user(request, token), _resume_from(last_event_id, resume))
+
+
+Stream = Annotated[StreamRequest, Depends(stream_request)]
+
+
+@router.get("/queue-events/{queue_id}", response_class=EventSourceResponse)
+async def queue_events(queue_id: str, request: Request, service: Service, stream: Stream) -> EventSourceResponse:
     """The queue's events from the start (or after Last-Event-ID), then live, ending with the final one."""
-    user = await _user(request, token)
-    batches = await service.events(user.id, queue_id, _resume_from(last_event_id, resume))
+    batches = await service.events(stream.user.id, queue_id, stream.resume_from)
     return EventSourceResponse(_stream(request, batches, end={"queue_id": queue_id}), ping=PING_SECONDS)
 
 
 @router.get("/events", response_class=EventSourceResponse)
-async def user_events(
-    request: Request,
-    service: Service,
-    token: Annotated[str | None, Query(max_length=1024)] = None,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
-    resume: Annotated[str | None, Query(alias="last_event_id", max_length=64)] = None,
-) -> EventSourceResponse:
+async def user_events(request: Request, service: Service, stream: Stream) -> EventSourceResponse:
     """Every event of all the user's queues, live (from Last-Event-ID when reconnecting)."""
-    user = await _user(request, token)
     # Without a resume point, from now on: resolved before the response starts, so an unreachable Redis
     # is a 503.
-    batches = await service.events(user.id, None, _resume_from(last_event_id, resume))
+    batches = await service.events(stream.user.id, None, stream.resume_from)
     return EventSourceResponse(_stream(request, batches, end=None), ping=PING_SECONDS)
