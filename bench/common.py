@@ -41,9 +41,14 @@ __all__ = [
 ]
 
 
+_IMAGES = TemporaryDirectory(prefix="imagequeue-bench-images-")  # removed when the benchmark exits
+
+
 def service_env(redis_url: str, **overrides: Any) -> dict[str, str]:
-    """The benchmarks' API and workers on `redis_url`: the tests' quick settings, warnings-only logs."""
-    return isolated_env(redis_url, BENCH_SECRET, **{**QUICK_SETTINGS, "LOG_LEVEL": "WARNING", **overrides})
+    """The benchmarks' API and workers on `redis_url`: the tests' quick settings, warnings-only logs, and
+    images in a temporary directory of this benchmark's (never the checkout's .data)."""
+    return isolated_env(redis_url, BENCH_SECRET, **{**QUICK_SETTINGS, "LOG_LEVEL": "WARNING",
+                                                     "IMAGE_STORE": f"file://{_IMAGES.name}", **overrides})
 
 
 def auth(user: str) -> dict[str, str]:
