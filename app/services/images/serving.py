@@ -29,6 +29,7 @@ log = logging.getLogger("imagequeue.images")
 
 THUMBNAIL_TYPE = "image/webp"
 KNOWN_THUMBNAILS = 100_000  # thumbnails this process knows exist (so it need not look again)
+THUMBNAILS_AT_ONCE = 4  # made at the same time by one API process: each holds its image in memory
 
 LegacyReader = Callable[[str, int], Awaitable[bytes | None]]
 
@@ -72,6 +73,7 @@ class ImageServer:
         self.store_id: str | None = None
         self._thumbnails: OrderedDict[str, None] = OrderedDict()  # made or found: known to exist
         self._making: dict[str, asyncio.Future[str]] = {}
+        self._thumbnail_slots = asyncio.Semaphore(THUMBNAILS_AT_ONCE)
 
     async def identify(self) -> str | None:
         if self.store_id is None:
@@ -115,6 +117,10 @@ class ImageServer:
         return await asyncio.shield(making)
 
     async def _make_thumbnail(self, image: ImageObject, key: str) -> str:
+        async with self._thumbnail_slots:
+            return await self._make_thumbnail_now(image, key)
+
+    async def _make_thumbnail_now(self, image: ImageObject, key: str) -> str:
         if not await self.store.exists(key):
             try:
                 data = await self.store.get(image.key(False))
