@@ -178,7 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             image_store = open_store(settings, async_client)
         except ValueError as exc:
             raise SystemExit(f"imagequeue: {exc}") from None
-        images = ImageServer(image_store, store.blob)
+        images = ImageServer(image_store, store.blob, store.gc_recheck)
         tickets = Tickets(sync_client, ticket_timeout(settings))
         app.state.queue_service = QueueService(store, tickets, settings, catalog, image_url, images)
         app.state.fleet = FleetService(store, catalog, images)

@@ -15,6 +15,7 @@ import httpx
 import pytest
 import redis.asyncio
 from PIL import Image
+from redis.asyncio import Redis
 
 from app.core.config import Settings
 from app.harness import RedisServer, free_port
@@ -38,6 +39,8 @@ from app.services.images.file import FileStore
 from app.services.images.redis import RedisStore
 from app.services.images.s3 import S3Store
 from app.services.images.saving import save_image
+from app.services.images.serving import ImageGone, ImageObject, ImageServer
+from app.services.queue.store import GC_KEY, QueueStore
 from tests.seaweedfs import ACCESS_KEY_ID, SEAWEEDFS_BUCKET, SECRET_ACCESS_KEY, SeaweedServer
 
 BUCKET = SEAWEEDFS_BUCKET
@@ -255,6 +258,54 @@ async def test_png_output_keeps_the_providers_bytes_and_adds_a_webp_thumbnail() 
     assert out.thumbnail is not None
     thumb = Image.open(io.BytesIO(out.thumbnail))
     assert thumb.format == "WEBP" and thumb.size == (256, 192)
+
+
+async def test_a_png_kept_without_decoding_is_still_checked_whole() -> None:
+    """The worker keeps a PNG as sent without decoding it (its thumbnail comes on first request), but an
+    answer cut short or damaged is refused all the same, as the decode would have."""
+    data = picture(640, 480)
+    kept = await encode_async(data, thumbnail=None)
+    assert kept.data is data and kept.thumbnail is None
+    iend = data.rindex(b"IEND") - 4
+    damaged = bytearray(data)
+    damaged[iend // 2] ^= 0xFF  # a byte inside the image data: that chunk's CRC no longer matches
+    for bad, words in ((data[: len(data) // 2], "cut short"), (data[:iend], "cut short"),
+                       (bytes(damaged), "CRC")):
+        with pytest.raises(ImageUnreadable, match=words):
+            await encode_async(bad, thumbnail=None)
+    webp = await encode_async(data, "webp", 80, thumbnail=None)  # decoded anyway: the thumbnail comes too
+    assert webp.thumbnail is not None
+
+
+async def test_a_thumbnail_made_on_request_is_stored_and_its_queue_looked_at_again_by_the_sweep(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    client = Redis.from_url(redis_server.fresh_url())
+    queues = QueueStore(client)
+    images = FileStore(tmp_path)
+    server = ImageServer(images, queues.blob, queues.gc_recheck)
+    data = picture(512, 384)
+    await images.put("q1/0-1.png", data, "image/png")
+    await images.put("q2/0-1.png", b"\x89PNG not an image", "image/png")
+    await client.zadd(GC_KEY, {"q1": 10**13})  # a live queue's time on the sweep list stays as it is
+    made = await server.open(ImageObject("q1", 0, 1, {"k": "q1/0-1.png"}), True, None)
+    thumb = await made.read()
+    assert Image.open(io.BytesIO(thumb)).size == (256, 192)
+    assert await images.get("q1/0-1.thumb.webp") == thumb and await client.zscore(GC_KEY, "q1") == 10**13
+    # A queue no longer on the list (deleted or swept while the thumbnail was made) goes back on it, due now.
+    await images.delete(["q1/0-1.thumb.webp"])
+    fresh = ImageServer(images, queues.blob, queues.gc_recheck)
+    await client.zrem(GC_KEY, "q1")
+    await (await fresh.open(ImageObject("q1", 0, 1, {"k": "q1/0-1.png"}), True, None)).aclose()
+    assert await client.zscore(GC_KEY, "q1") == 0
+    # An image that cannot be read as one serves itself as its thumbnail, and is not tried again.
+    odd = ImageObject("q2", 0, 1, {"k": "q2/0-1.png"})
+    assert await (await server.open(odd, True, None)).read() == b"\x89PNG not an image"
+    await images.delete(["q2/0-1.png"])
+    with pytest.raises(ImageGone):
+        await server.open(odd, True, None)  # the image itself is asked for, and it is gone
+    assert not await images.exists("q2/0-1.thumb.webp")
+    await client.aclose()
 
 
 async def test_lossy_outputs_convert_with_the_quality_asked_for() -> None:

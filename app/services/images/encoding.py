@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import io
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -56,8 +57,28 @@ def encode(
         if not keep:
             im.load()
             out = _save(im, output_format, quality or DEFAULT_QUALITY)
+        elif source == "png" and not thumbnail:
+            _check_png(data)  # kept without decoding: at least whole, chunk by chunk
         thumb = _thumbnail(im) if thumbnail or (thumbnail is None and not keep) else None
     return EncodedImage(out, content_type, width, height, thumb)
+
+
+def _check_png(data: bytes) -> None:
+    """ImageUnreadable unless the PNG is whole: every chunk complete with its CRC right, up to IEND (a
+    few ms for 2.6 MB, against 25 ms to decode it). An answer cut short fails here, not in a browser."""
+    view, pos = memoryview(data), 8
+    while pos + 12 <= len(data):
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        end = pos + 12 + length
+        if end > len(data):
+            break
+        if zlib.crc32(view[pos + 4 : end - 4]) != int.from_bytes(view[end - 4 : end], "big"):
+            kind = bytes(view[pos + 4 : pos + 8]).decode("latin-1")
+            raise ImageUnreadable(f"the provider's image is damaged (the CRC of its {kind} chunk is wrong)")
+        if view[pos + 4 : pos + 8] == b"IEND":
+            return
+        pos = end
+    raise ImageUnreadable("the provider's image is cut short (its PNG ends before IEND)")
 
 
 def thumbnail_webp(data: bytes) -> bytes:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import stat
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -117,7 +118,14 @@ class FileStore:
             raise StoreUnavailable(f"cannot read {path}: {exc.strerror or exc}") from exc
 
     async def exists(self, key: str) -> bool:
-        return await asyncio.to_thread(self.path_of(key).is_file)
+        path = self.path_of(key)
+        try:
+            st = await asyncio.to_thread(path.stat)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot look up {path}: {exc.strerror or exc}") from exc
+        return stat.S_ISREG(st.st_mode)
 
     # -- delete -----------------------------------------------------------------------------
     async def delete(self, keys: Sequence[str]) -> None:

@@ -32,6 +32,8 @@ KNOWN_THUMBNAILS = 100_000  # thumbnails this process knows exist (so it need no
 THUMBNAILS_AT_ONCE = 4  # made at the same time by one API process: each holds its image in memory
 
 LegacyReader = Callable[[str, int], Awaitable[bytes | None]]
+Written = Callable[[str], Awaitable[None]]
+"""Called with a queue's id after this process wrote an object of it (a thumbnail)."""
 
 
 class ImageGone(StoreError):
@@ -67,11 +69,14 @@ class ImageObject:
 class ImageServer:
     """Opens image objects from the store (or, for old records, from Redis)."""
 
-    def __init__(self, store: ImageStore, legacy: LegacyReader) -> None:
+    def __init__(self, store: ImageStore, legacy: LegacyReader, written: Written | None = None) -> None:
         self.store = store
         self.legacy = legacy
+        self.written = written
         self.store_id: str | None = None
-        self._thumbnails: OrderedDict[str, None] = OrderedDict()  # made or found: known to exist
+        # Thumbnail key -> the key to serve for it: itself once made or found, or the image's own key
+        # when the image could not be read as one (not tried again).
+        self._thumbnails: OrderedDict[str, str] = OrderedDict()
         self._making: dict[str, asyncio.Future[str]] = {}
         self._thumbnail_slots = asyncio.Semaphore(THUMBNAILS_AT_ONCE)
 
@@ -107,8 +112,9 @@ class ImageServer:
         if image.record.get("tk"):
             return str(image.record["tk"])
         key = thumbnail_key(image.queue_id, image.index, image.attempt)
-        if key in self._thumbnails:
-            return key
+        known = self._thumbnails.get(key)
+        if known is not None:
+            return known
         making = self._making.get(key)
         if making is None:
             making = asyncio.ensure_future(self._make_thumbnail(image, key))
@@ -121,6 +127,7 @@ class ImageServer:
             return await self._make_thumbnail_now(image, key)
 
     async def _make_thumbnail_now(self, image: ImageObject, key: str) -> str:
+        served = key
         if not await self.store.exists(key):
             try:
                 data = await self.store.get(image.key(False))
@@ -130,12 +137,17 @@ class ImageServer:
                 thumb = await asyncio.to_thread(thumbnail_webp, data)
             except ImageUnreadable as exc:
                 log.warning("no thumbnail for image %s/%s: %s", image.queue_id, image.index, exc)
-                return image.key(False)
-            await self.store.put(key, thumb, THUMBNAIL_TYPE)
-        self._thumbnails[key] = None
+                served = image.key(False)
+            else:
+                await self.store.put(key, thumb, THUMBNAIL_TYPE)
+                if self.written is not None:
+                    # The queue may have been deleted or swept while this was made: its objects are
+                    # looked at again, so this one is not left behind.
+                    await self.written(image.queue_id)
+        self._thumbnails[key] = served
         if len(self._thumbnails) > KNOWN_THUMBNAILS:
             self._thumbnails.popitem(last=False)
-        return key
+        return served
 
     async def _why_missing(self, image: ImageObject) -> str:
         written_to = str(image.record.get("sid") or "")

@@ -597,6 +597,12 @@ class QueueStore:
         if queue_ids:
             await self.redis.zrem(GC_KEY, *queue_ids)
 
+    async def gc_recheck(self, queue_id: str) -> None:
+        """An object of the queue was written outside the worker's save (a thumbnail made on request):
+        if the queue is gone, or goes while it was written, the sweep removes it; a live queue keeps
+        its own time on the sweep list (gc_due puts it back at its expiry)."""
+        await self.redis.zadd(GC_KEY, {queue_id: 0}, nx=True)
+
     async def gc_now(self, queue_id: str) -> None:
         """A deleted queue's objects are due at once (the API removes them; the sweep if that failed)."""
         await self.redis.zadd(GC_KEY, {queue_id: 0})
