@@ -172,7 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         def image_url(queue_id: str, index: int, attempt: int, expires: int) -> str:
             signature = sign_image(settings, queue_id, index, attempt, expires)
-            return f"/images/{queue_id}/{index}?exp={expires}&sig={signature}"
+            return f"/images/{queue_id}/{index}?a={attempt}&exp={expires}&sig={signature}"
 
         try:
             image_store = open_store(settings, async_client)

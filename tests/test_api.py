@@ -99,6 +99,11 @@ def test_image_url_access_rules(client: httpx.Client) -> None:
     expired = f"{plain}?exp={int(time.time()) - 5}&sig=" + "A" * 43
     assert client.get(expired).status_code == 404
     assert client.get(f"/images/{qid}/1", headers=owner).status_code == 404
+    # A signed URL names the attempt it binds (checked before anything is read); another attempt's
+    # number with this signature is refused, and a URL made before URLs named it still works.
+    assert "?a=1&" in image["url"]
+    assert client.get(image["url"].replace("?a=1&", "?a=2&")).status_code == 404
+    assert client.get(image["url"].replace("?a=1&", "?")).status_code == 200
 
 
 def test_image_route_authorises_before_telling_whether_an_image_exists(client: httpx.Client) -> None:

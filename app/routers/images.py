@@ -39,10 +39,11 @@ async def image_access(
     request: Request,
     exp: Annotated[int | None, Query()] = None,
     sig: Annotated[str | None, Query(max_length=64)] = None,
+    a: Annotated[int | None, Query(ge=0, le=2**31, description="the attempt a signed URL binds")] = None,
 ) -> ImageAccess:
-    """A signed URL's `exp` and `sig`, else the bearer token (401 without either)."""
+    """A signed URL's `exp`, `sig` (and `a`), else the bearer token (401 without either)."""
     if exp is not None and sig is not None:
-        return ImageAccess(signature=ImageSignature(exp, sig))
+        return ImageAccess(signature=ImageSignature(exp, sig, a))
     return ImageAccess(user_id=user_from_credentials(request, await bearer_scheme(request)).id)
 
 

@@ -102,10 +102,12 @@ class Tagged:
 
 @dataclass(frozen=True, slots=True)
 class ImageSignature:
-    """The `exp` and `sig` of a signed image URL."""
+    """The `exp`, `sig` and `a` (the attempt it binds; absent from URLs made before it was added) of a
+    signed image URL."""
 
     expires: int
     signature: str
+    attempt: int | None = None
 
 
 class QueueService:
@@ -523,9 +525,16 @@ class QueueService:
         if signature is not None:
             if not valid_queue_id(queue_id) or not image_signature_current(signature.expires, signature.signature):
                 raise NotFound(LINK_NOT_FOUND)
+            # A URL that names its attempt is checked whole before anything is read.
+            if signature.attempt is not None and not check_image_signature(
+                self.settings, queue_id, index, signature.attempt, signature.expires, signature.signature
+            ):
+                raise NotFound(LINK_NOT_FOUND)
             rec = (await self.store.records(queue_id, [index])).get(index)
-            if rec is None or not check_image_signature(
-                self.settings, queue_id, index, int(rec.get("a", 0)), signature.expires, signature.signature
+            attempt = int(rec.get("a", 0)) if rec is not None else None
+            if attempt is None or (signature.attempt is not None and attempt != signature.attempt) or (
+                signature.attempt is None and not check_image_signature(
+                    self.settings, queue_id, index, attempt, signature.expires, signature.signature)
             ):
                 raise NotFound(LINK_NOT_FOUND)
             return rec
