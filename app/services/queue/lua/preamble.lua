@@ -194,6 +194,12 @@ local function finalize_if_done(qid, now, ttl, user_ttl)
   return status
 end
 
+-- A running image's share of its steps done (0 to 1; 0 while its steps are unknown): what it adds to
+-- its queue's `pf` (lua/progress.lua) until it settles (settle.lua).
+local function step_share(step, steps)
+  return (steps and steps > 0) and math.min(1, step / steps) or 0
+end
+
 local function get_rec(q, idx)
   local raw = redis.call('HGET', q .. ':img', idx)
   if not raw then return nil end

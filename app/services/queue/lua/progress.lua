@@ -21,8 +21,7 @@ for i = 3, #ARGV, 6 do
   local rec = uk and get_rec(q, idx)
   if rec and rec.s == ImageStatus.RUNNING and tonumber(rec.a) == attempt then
     local step, steps = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
-    local before = (rec.pn and rec.pn > 0) and rec.ps / rec.pn or 0
-    local fraction = steps > 0 and math.min(1, step / steps) or 0
+    local before, fraction = step_share(rec.ps, rec.pn), step_share(step, steps)
     if fraction ~= before then redis.call('HINCRBYFLOAT', q, 'pf', fraction - before) end
     -- The step rate between this write and the last, not since the claim: time before the steps
     -- (a model loading, the server's own queue) says nothing of how long the rest will take.

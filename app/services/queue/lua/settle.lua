@@ -9,9 +9,8 @@ local function settle(qid, idx, rec, outcome, err, now, ttl, user_ttl, obj)
   redis.call('ZREM', LEASES_KEY, qid .. '|' .. idx)
   -- Progress belongs to the run that ends here (progress.lua).
   if rec.pv then redis.call('DEL', q .. PREVIEW_KEY_SUFFIX .. idx) end
-  if rec.pn and rec.pn > 0 and rec.ps > 0 then
-    redis.call('HINCRBYFLOAT', q, 'pf', -math.min(1, rec.ps / rec.pn))
-  end
+  local share = step_share(rec.ps, rec.pn)
+  if share > 0 then redis.call('HINCRBYFLOAT', q, 'pf', -share) end
   rec.ps, rec.pn, rec.pt, rec.pv = nil, nil, nil, nil
   if tonumber(redis.call('HINCRBY', INFLIGHT_KEY, m.model, -1)) < 0 then
     redis.call('HSET', INFLIGHT_KEY, m.model, 0)
