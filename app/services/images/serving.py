@@ -91,7 +91,7 @@ class ImageServer:
     async def presigned_url(self, image: ImageObject, thumbnail: bool, expires_seconds: int) -> str | None:
         if image.in_redis:
             return None
-        key = await self._thumbnail_key(image) if thumbnail else image.key(False)
+        key = await self._key(image, thumbnail)
         return await self.store.presigned_url(key, expires_seconds)
 
     async def open(self, image: ImageObject, thumbnail: bool, byte_range: tuple[int, int] | None) -> ObjectStream:
@@ -99,12 +99,15 @@ class ImageServer:
         StoreUnavailable when the store cannot be reached."""
         if image.in_redis:
             return await self._open_legacy(image, byte_range)
-        key = await self._thumbnail_key(image) if thumbnail else image.key(False)
+        key = await self._key(image, thumbnail)
         try:
             return await self.store.open(key, byte_range)
         except ObjectMissing:
             self._thumbnails.pop(key, None)
             raise ImageGone(await self._why_missing(image)) from None
+
+    async def _key(self, image: ImageObject, thumbnail: bool) -> str:
+        return await self._thumbnail_key(image) if thumbnail else image.key(False)
 
     async def _thumbnail_key(self, image: ImageObject) -> str:
         """The key of the image's thumbnail: the worker's, or one made now (once, however many ask at

@@ -266,31 +266,32 @@ class QueueService:
         while True:
             read = await self.store.read_streams({key: after, live: live_after},
                                                  block_ms=EVENTS_BLOCK_MS, count=EVENTS_BATCH)
-            events, progress = read.get(key, []), read.get(live, [])
+            # Each entry with its id as (ms, seq), parsed once.
+            events = [(_stream_id(i), i, d) for i, d in read.get(key, [])]
+            progress = [(_stream_id(i), i, d) for i, d in read.get(live, [])]
             # Where one read stopped short (it was full), the other waits there too: what comes later in
             # either stream is sent next time, in order. Ids of two streams compare by their time only
             # (each stream counts its own sequence within a millisecond), and a millisecond that
             # reaches the cut waits whole, unless it is all there is.
-            full = [part[-1][0] for part in (events, progress) if len(part) == EVENTS_BATCH]
+            full = [part[-1][0][0] for part in (events, progress) if len(part) == EVENTS_BATCH]
             if full:
-                cut = min(_stream_id(i)[0] for i in full)
-                early = [(i, d) for i, d in events if _stream_id(i)[0] < cut]
-                soon = [(i, d) for i, d in progress if _stream_id(i)[0] < cut]
+                cut = min(full)
+                early = [e for e in events if e[0][0] < cut]
+                soon = [e for e in progress if e[0][0] < cut]
                 if early or soon:
                     events, progress = early, soon
                 else:
-                    events = [(i, d) for i, d in events if _stream_id(i)[0] <= cut]
-                    progress = [(i, d) for i, d in progress if _stream_id(i)[0] <= cut]
+                    events = [e for e in events if e[0][0] <= cut]
+                    progress = [e for e in progress if e[0][0] <= cut]
             if progress:
-                live_after = progress[-1][0]
+                live_after = progress[-1][1]
             # Coalesced: an image's newest progress only, where its last write falls among the events.
-            latest = {(d["queue_id"], d["index"]): (i, d) for i, d in progress
+            latest = {(d["queue_id"], d["index"]): (at, d) for at, _, d in progress
                       if queue_id is None or d.get("queue_id") == queue_id}
             # Within one millisecond, progress goes first: a run's progress is written before it
             # settles, never after.
-            merged = [((_stream_id(i)[0], 1, _stream_id(i)[1]), QueueEvent(i, self._with_url(d))) for i, d in events]
-            merged += [((_stream_id(i)[0], 0, _stream_id(i)[1]), QueueEvent(None, self._progress_event(d)))
-                       for i, d in latest.values()]
+            merged = [((ms, 1, seq), QueueEvent(i, self._with_url(d))) for (ms, seq), i, d in events]
+            merged += [((ms, 0, seq), QueueEvent(None, self._progress_event(d))) for (ms, seq), d in latest.values()]
             merged.sort(key=lambda item: item[0])
             batch = []
             for _, event in merged:

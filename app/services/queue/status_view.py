@@ -43,17 +43,21 @@ _CANCELLED = ImageStatus.CANCELLED.value
 _COUNTS = ("total", "pending", "running", "succeeded", "failed", "cancelled")
 
 
+def _variant(image_url: str, path_suffix: str, param: str) -> str:
+    """Another resource of a signed image URL: its path extended, `param` first, the same signature."""
+    path, _, query = image_url.partition("?")
+    return f"{path}{path_suffix}?{param}" + (f"&{query}" if query else "")
+
+
 def thumbnail_url(image_url: str) -> str:
     """An image URL's thumbnail: the same URL (and signature) asking for the small WebP."""
-    path, _, query = image_url.partition("?")
-    return f"{path}?thumb=1" + (f"&{query}" if query else "")
+    return _variant(image_url, "", "thumb=1")
 
 
 def preview_url(image_url: str, previews: int) -> str:
     """A running image's latest preview: the URL (and signature) its attempt's image will have, with
     /preview and the count of previews so far (each new preview is a new URL)."""
-    path, _, query = image_url.partition("?")
-    return f"{path}/preview?v={previews}" + (f"&{query}" if query else "")
+    return _variant(image_url, "/preview", f"v={previews}")
 
 
 def step_progress(step: int, steps: int) -> dict[str, Any]:

@@ -40,6 +40,11 @@ export function mergeStatus(q, s, seqAtStart) {
   return true;
 }
 
+// Whether the image as known is already past `step` of this attempt (a late or slower report is behind).
+function isAhead(old, attempt, step) {
+  return Boolean(old && old.progress && old.attempt === attempt && old.progress.step > step);
+}
+
 export function mergeImages(q, images, force) {
   for (const img of images) {
     const old = q.images.get(img.index);
@@ -50,7 +55,7 @@ export function mergeImages(q, images, force) {
     let progress = img.status === "running" ? img.progress || null : null;
     let preview = img.status === "running" ? img.preview_url || null : null;
     // Live image.progress events may be ahead of a status answer: the furthest step of the attempt wins.
-    if (progress && old && old.progress && old.attempt === attempt && old.progress.step > progress.step) {
+    if (progress && isAhead(old, attempt, progress.step)) {
       progress = old.progress;
       preview = old.preview || preview;
     }
@@ -70,7 +75,7 @@ export function mergeProgress(q, ev) {
   if (old && (IMAGE_RANK[old.status] > IMAGE_RANK.running || (old.attempt || 0) > ev.attempt)) return false;
   // Pending again at this attempt (handed back): its run is over, whatever late progress says.
   if (old && old.status === "pending" && (old.attempt || 0) >= ev.attempt) return false;
-  if (old && old.progress && old.attempt === ev.attempt && old.progress.step > ev.step) return false;
+  if (isAhead(old, ev.attempt, ev.step)) return false;
   const base = old || { index: ev.index, prompt: null, seed: null, error: null, url: null, thumb: null };
   q.images.set(ev.index, {
     ...base, status: "running", attempt: ev.attempt,
