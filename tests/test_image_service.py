@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import binascii
 import email.utils
 import io
@@ -258,6 +259,12 @@ def test_build_provider_rejects_bad_config() -> None:
 async def test_base64_images_are_checked_strictly() -> None:
     assert await decode_b64("aGVsbG8=") == b"hello"
     assert await decode_b64("data:image/png;base64,aGVsbG8=") == b"hello"
-    for bad in ("aGVs bG8=", "aGVsbG8", "aGVsbG8===", "!!!!", "aGVs\nbG8="):
+    for bad in ("aGVs bG8=", "aGVsbG8", "aGVsbG8===", "!!!!", "aGVs\nbG8=", "aGVsbG8=\u00e9", "aGVsbG8=aGVs"):
         with pytest.raises(binascii.Error):
             await decode_b64(bad)
+    # A 1024x1024 PNG's size: decoded whole, and one wrong character anywhere still fails it.
+    raw = bytes(range(256)) * 10_000
+    text = base64.b64encode(raw).decode()
+    assert await decode_b64(text) == raw
+    with pytest.raises(binascii.Error):
+        await decode_b64(text[:1_000_000] + "*" + text[1_000_001:])
