@@ -3,6 +3,7 @@ timing helpers."""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 import uuid
@@ -23,6 +24,7 @@ BENCH_SECRET = "bench-secret-" + "x" * 24
 LOG_DIR = ROOT / "test-artifacts" / "logs"
 
 __all__ = [
+    "IMAGE_TMP_DIR",
     "LOG_DIR",
     "ROOT",
     "Process",
@@ -41,12 +43,15 @@ __all__ = [
 ]
 
 
-_IMAGES = TemporaryDirectory(prefix="imagequeue-bench-images-")  # removed when the benchmark exits
+# Images go to tmpfs where there is one, so that the figures measure the service rather than the disk
+# (creating a file costs about 0.7 ms of kernel CPU on some virtual disks, 2 µs on tmpfs).
+IMAGE_TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+_IMAGES = TemporaryDirectory(prefix="imagequeue-bench-images-", dir=IMAGE_TMP_DIR)  # removed at exit
 
 
 def service_env(redis_url: str, **overrides: Any) -> dict[str, str]:
     """The benchmarks' API and workers on `redis_url`: the tests' quick settings, warnings-only logs, and
-    images in a temporary directory of this benchmark's (never the checkout's .data)."""
+    images in a temporary directory of this benchmark's (never the checkout's .data), on tmpfs if any."""
     return isolated_env(redis_url, BENCH_SECRET, **{**QUICK_SETTINGS, "LOG_LEVEL": "WARNING",
                                                      "IMAGE_STORE": f"file://{_IMAGES.name}", **overrides})
 

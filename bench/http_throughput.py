@@ -19,7 +19,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -31,10 +30,8 @@ import orjson
 import pybase64
 
 from app.harness import start_server
-from bench.common import LOG_DIR, auth, free_port, new_user, private_redis, report, stack, wait_done
+from bench.common import IMAGE_TMP_DIR, LOG_DIR, auth, free_port, new_user, private_redis, report, stack, wait_done
 from tests.seaweedfs import SEAWEEDFS_BUCKET, SeaweedServer
-
-TMPFS = "/dev/shm"
 
 
 def provider_alone(url: str, images: int, concurrency: int, size: int, *, fast: bool = False) -> float:
@@ -86,7 +83,7 @@ def main() -> None:
     parser.add_argument("--photo", action="store_true", help="photo-like images (large PNGs)")
     parser.add_argument("--store", choices=("file", "s3", "redis"), default="file")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--image-dir", default=TMPFS if os.path.isdir(TMPFS) else None,
+    parser.add_argument("--image-dir", default=IMAGE_TMP_DIR,
                         help="where the file store's temporary directory goes (default: tmpfs, so the figure "
                              "measures the service rather than the disk; give a disk path to include it)")
     args = parser.parse_args()
