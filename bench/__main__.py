@@ -13,8 +13,8 @@ import sys
 # (module, arguments): the whole set takes a few minutes.
 BENCHMARKS: list[tuple[str, list[str]]] = [
     ("throughput", []),
-    ("http_throughput", []),
-    ("http_throughput", ["--photo", "--size", "1024", "--concurrency", "8", "--images", "100"]),
+    ("http_throughput", ["--rounds", "5"]),
+    ("http_throughput", ["--photo", "--size", "1024", "--concurrency", "8", "--images", "300", "--rounds", "5"]),
     ("create_status", []),
     ("polling", []),
     ("memory", []),
