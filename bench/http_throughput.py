@@ -123,6 +123,8 @@ def run(args: argparse.Namespace, store_env: dict[str, str]) -> None:
                 alone.append(provider_alone(url, args.images, n, args.size))
                 alone_fast.append(provider_alone(url, args.images, n, args.size, fast=True))
                 service.append(through_service(base, args.images, args.size))
+                print(f"  round {len(service)}: alone {alone[-1]:.1f}, alone with the worker's decoder "
+                      f"{alone_fast[-1]:.1f}, the service {service[-1]:.1f} img/s", flush=True)
         ideal = n / (lat / 1000)
         report("provider alone (one async httpx client, N in flight)", statistics.median(alone), "img/s", "",
                ideal, "ideal N/L")

@@ -8,7 +8,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -32,6 +32,7 @@ from app.services.images import (
     parse_range,
     put_retrying,
     queue_prefix,
+    serving,
     thumbnail_key,
 )
 from app.services.images.factory import DEFAULT_DIRECTORY
@@ -39,7 +40,7 @@ from app.services.images.file import FileStore
 from app.services.images.redis import RedisStore
 from app.services.images.s3 import S3Store
 from app.services.images.saving import save_image
-from app.services.images.serving import ImageGone, ImageObject, ImageServer
+from app.services.images.serving import ImageGone, ImageObject, ImageServer, ThumbnailBusy
 from app.services.queue.store import GC_KEY, QueueStore
 from tests.seaweedfs import ACCESS_KEY_ID, SEAWEEDFS_BUCKET, SECRET_ACCESS_KEY, SeaweedServer
 
@@ -277,6 +278,31 @@ async def test_a_png_kept_without_decoding_is_still_checked_whole() -> None:
     assert webp.thumbnail is not None
 
 
+@pytest.mark.parametrize(("fmt", "mode", "options"), [
+    ("JPEG", "RGB", {"quality": 90}), ("WEBP", "RGB", {"quality": 80}), ("WEBP", "RGBA", {"lossless": True}),
+])
+async def test_a_jpeg_or_webp_kept_as_sent_is_checked_whole(fmt: str, mode: str, options: dict) -> None:
+    """Kept as the provider sent it (output format equal to its own, no quality asked): not decoded, but
+    an answer cut short is refused, by the format's own structure."""
+    im = Image.merge("RGB", (Image.linear_gradient("L"), Image.effect_noise((256, 256), 40).convert("L"),
+                             Image.linear_gradient("L").rotate(90))).resize((320, 240)).convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, fmt, **options)
+    data = buf.getvalue()
+    output = "jpeg" if fmt == "JPEG" else "webp"
+    kept = await encode_async(data, output, thumbnail=None)
+    assert kept.data is data and kept.thumbnail is None and (kept.width, kept.height) == (320, 240)
+    assert (await encode_async(data + b"\0\0", output, thumbnail=None)).width == 320  # padding after the end
+    for cut in (len(data) // 2, len(data) - 1):
+        with pytest.raises(ImageUnreadable, match="cut short" if fmt == "JPEG" else "could not be read"):
+            await encode_async(data[:cut], output, thumbnail=None)
+    if fmt == "WEBP":
+        damaged = bytearray(data)
+        damaged[16:20] = (int.from_bytes(data[16:20], "little") - 2).to_bytes(4, "little")  # first chunk's size
+        with pytest.raises(ImageUnreadable, match="could not be read"):
+            await encode_async(bytes(damaged), output, thumbnail=None)
+
+
 async def test_a_thumbnail_made_on_request_is_stored_and_its_queue_looked_at_again_by_the_sweep(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:
@@ -370,3 +396,75 @@ async def test_a_saved_image_is_described_by_a_small_record(tmp_path: Path) -> N
     assert len(record) < 300, record  # whatever the image's size
     thumb = Image.open(io.BytesIO(await store.get(f"{qid}/7-2.thumb.webp")))
     assert thumb.format == "WEBP" and max(thumb.size) == 256
+
+
+class GatedStore(FileStore):
+    """A real file store whose reads of images wait for a gate: a slow or hung store, seen from the API."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.gate = asyncio.Event()
+        self.reading: list[str] = []
+
+    async def get(self, key: str) -> bytes:
+        self.reading.append(key)
+        await self.gate.wait()
+        return await super().get(key)
+
+
+async def test_thumbnails_on_request_share_their_slots_fairly_and_never_hold_a_request_or_a_slot_for_ever(
+    tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = Redis.from_url(redis_server.fresh_url())
+    queues = QueueStore(client)
+    store = GatedStore(tmp_path)
+    server = ImageServer(store, queues.blob, queues.gc_recheck)
+    data = picture(64, 48)
+    for queue in ("big", "small", "hung"):
+        for index in range(6):
+            await FileStore.put(store, f"{queue}/{index}-1.png", data, "image/png")
+
+    def thumb(queue: str, index: int) -> asyncio.Task[bytes]:
+        async def read() -> bytes:
+            return await (await server.open(ImageObject(queue, index, 1, {"k": f"{queue}/{index}-1.png"}),
+                                            True, None)).read()
+        return asyncio.ensure_future(read())
+
+    # One queue asking for six at once holds two of the four slots; another queue's request starts at once.
+    big = [thumb("big", i) for i in range(6)]
+    await wait_for(lambda: len(store.reading) == 2)
+    small = thumb("small", 0)
+    await wait_for(lambda: len(store.reading) == 3)
+    await asyncio.sleep(0.05)
+    assert sorted(store.reading) == ["big/0-1.png", "big/1-1.png", "small/0-1.png"]
+    store.gate.set()
+    for made in await asyncio.gather(*big, small):
+        assert Image.open(io.BytesIO(made)).size == (64, 48)
+
+    # A request waits a bounded time and is told to come back; the thumbnail is made meanwhile, once.
+    store.gate.clear()
+    store.reading.clear()
+    monkeypatch.setattr(serving, "THUMBNAIL_WAIT_SECONDS", 0.2)
+    with pytest.raises(ThumbnailBusy, match="try again"):
+        await thumb("small", 1)
+    store.gate.set()
+    await wait_for(lambda: os.path.exists(tmp_path / "small" / "1-1.thumb.webp"))
+    assert Image.open(io.BytesIO(await thumb("small", 1))).format == "WEBP" and store.reading == ["small/1-1.png"]
+
+    # A store that never answers frees its slots after THUMBNAIL_MAKE_SECONDS.
+    store.gate.clear()
+    monkeypatch.setattr(serving, "THUMBNAIL_WAIT_SECONDS", 5.0)
+    monkeypatch.setattr(serving, "THUMBNAIL_MAKE_SECONDS", 0.3)
+    hung = [thumb("hung", i) for i in range(4)]  # two at a time, each failing after 0.3 s
+    for outcome in await asyncio.gather(*hung, return_exceptions=True):
+        assert isinstance(outcome, StoreUnavailable) and "took over 0.3 s" in outcome.message
+    store.gate.set()
+    assert Image.open(io.BytesIO(await thumb("hung", 0))).size == (64, 48)
+    await client.aclose()
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)

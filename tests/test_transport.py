@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from app.harness import free_port
 from app.services.providers.base import ImageRequest
 from app.services.providers.openai import OpenAIProvider
-from app.services.providers.transport import ShardedTransport
+from app.services.providers.transport import ShardedTransport, provider_client
 from tests.provider_servers import ProviderServer
 
 
@@ -41,3 +42,19 @@ async def test_a_streamed_answer_closed_unread_and_a_failed_request_give_their_p
             else:
                 raise AssertionError("nothing listens there")
             assert transport.in_flight == [0, 0]
+
+
+async def test_the_sharded_transport_gives_way_to_a_proxy_but_not_to_a_lone_no_proxy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY",
+                 "NO_PROXY", "REQUEST_METHOD"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "localhost,127.0.0.1")
+    client = provider_client(8, timeout=5)
+    assert isinstance(client._transport, ShardedTransport)
+    await client.aclose()
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    client = provider_client(8, timeout=5)
+    assert not isinstance(client._transport, ShardedTransport)
+    assert any(key.pattern.startswith("https") for key in client._mounts)  # httpx routes https through it
+    await client.aclose()

@@ -58,9 +58,14 @@ class Unauthorized(ImageQueueError):
 
 
 class ServiceUnavailable(ImageQueueError):
-    """A backing service (the image store) cannot be reached; the request may be tried again."""
+    """A backing service (the image store) cannot be reached, or is busy; the request may be tried again
+    after `retry_after` seconds."""
 
     status_code = 503
+
+    def __init__(self, detail: str, retry_after: int = 5) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
 
 
 class SafeJSONResponse(JSONResponse):
@@ -85,7 +90,7 @@ def install_error_handlers(app: FastAPI) -> None:
         body: dict[str, object] = {"detail": exc.detail}
         if isinstance(exc, Unprocessable):
             body = {"detail": [{"loc": list(exc.loc), "msg": exc.detail, "type": "value_error"}]}
-        if isinstance(exc, TooManyRequests):
+        if isinstance(exc, TooManyRequests | ServiceUnavailable):
             headers["Retry-After"] = str(exc.retry_after)
         if isinstance(exc, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"

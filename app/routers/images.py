@@ -13,7 +13,7 @@ from app.core.errors import NotFound, ServiceUnavailable
 from app.core.security import bearer_scheme, user_from_credentials
 from app.routers.deps import COMMON_RESPONSES, AppSettings, Service
 from app.services.images import RangeNotSatisfiable, StoreUnavailable, parse_range
-from app.services.images.serving import ImageGone
+from app.services.images.serving import ImageGone, ThumbnailBusy
 from app.services.queue.queue_service import ImageSignature
 
 router = APIRouter(tags=["images"], responses=COMMON_RESPONSES)
@@ -60,6 +60,8 @@ Access = Annotated[ImageAccess, Depends(image_access)]
         304: {"description": "Not modified (If-None-Match)"},
         404: {"description": "No such image, or its bytes are gone (the detail says which)"},
         416: {"description": "Range not satisfiable"},
+        503: {"description": "The image store is unreachable, or a thumbnail is still being made: retry after "
+                             "`Retry-After`"},
     },
 )
 async def get_image(
@@ -91,6 +93,8 @@ async def get_image(
             stream = await service.images.open(image, thumb, byte_range)
     except ImageGone as exc:
         raise NotFound(exc.message) from None
+    except ThumbnailBusy as exc:
+        raise ServiceUnavailable(exc.message, retry_after=2) from None
     except StoreUnavailable as exc:
         raise ServiceUnavailable(f"image store unavailable: {exc.message}") from None
     ext = EXTENSIONS.get(stream.content_type, "bin")

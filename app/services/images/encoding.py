@@ -12,7 +12,7 @@ import contextlib
 import io
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -57,8 +57,8 @@ def encode(
         if not keep:
             im.load()
             out = _save(im, output_format, quality or DEFAULT_QUALITY)
-        elif source == "png" and not thumbnail:
-            _check_png(data)  # kept without decoding: at least whole, chunk by chunk
+        elif not thumbnail:
+            _CHECKS[source](data)  # kept without decoding: at least whole, by its own structure
         thumb = _thumbnail(im) if thumbnail or (thumbnail is None and not keep) else None
     return EncodedImage(out, content_type, width, height, thumb)
 
@@ -79,6 +79,20 @@ def _check_png(data: bytes) -> None:
             return
         pos = end
     raise ImageUnreadable("the provider's image is cut short (its PNG ends before IEND)")
+
+
+def _check_jpeg(data: bytes) -> None:
+    """ImageUnreadable unless the JPEG ends with its end-of-image marker (entropy-coded data never
+    holds one, and an embedded thumbnail's comes long before the end): what an answer cut short lacks."""
+    if not data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
+        raise ImageUnreadable("the provider's image is cut short (its JPEG has no end-of-image marker)")
+
+
+def _whole_when_opened(data: bytes) -> None:
+    """Pillow's WebP reader demuxes the whole file to open it: a WebP cut short or damaged fails there."""
+
+
+_CHECKS: dict[str, Callable[[bytes], None]] = {"png": _check_png, "jpeg": _check_jpeg, "webp": _whole_when_opened}
 
 
 def thumbnail_webp(data: bytes) -> bytes:

@@ -11,6 +11,7 @@ import logging
 import zlib
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from app.services.images.base import (
     ObjectMissing,
     ObjectStream,
     StoreError,
+    StoreUnavailable,
     content_type_of,
     single_chunk,
     thumbnail_key,
@@ -30,6 +32,9 @@ log = logging.getLogger("imagequeue.images")
 THUMBNAIL_TYPE = "image/webp"
 KNOWN_THUMBNAILS = 100_000  # thumbnails this process knows exist (so it need not look again)
 THUMBNAILS_AT_ONCE = 4  # made at the same time by one API process: each holds its image in memory
+THUMBNAILS_PER_QUEUE = 2  # of those, for one queue: a grid of 1,000 new tiles leaves room for others
+THUMBNAIL_WAIT_SECONDS = 30.0  # a request waits this long for its thumbnail, then gets a 503 to retry
+THUMBNAIL_MAKE_SECONDS = 60.0  # making one (read, decode, write) gives up after this: a hung store frees its slot
 
 LegacyReader = Callable[[str, int], Awaitable[bytes | None]]
 Written = Callable[[str], Awaitable[None]]
@@ -38,6 +43,10 @@ Written = Callable[[str], Awaitable[None]]
 
 class ImageGone(StoreError):
     """The record says the image exists, but its bytes cannot be had; `message` says why."""
+
+
+class ThumbnailBusy(StoreError):
+    """The thumbnail is being made but not ready within THUMBNAIL_WAIT_SECONDS; asking again will find it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +88,9 @@ class ImageServer:
         self._thumbnails: OrderedDict[str, str] = OrderedDict()
         self._making: dict[str, asyncio.Future[str]] = {}
         self._thumbnail_slots = asyncio.Semaphore(THUMBNAILS_AT_ONCE)
+        self._queue_slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}  # queue -> (slots, [users])
+        # Decoding has threads of its own, so file streaming (the default executor) never waits behind it.
+        self._decoder = ThreadPoolExecutor(THUMBNAILS_AT_ONCE, thread_name_prefix="thumbnail")
 
     async def identify(self) -> str | None:
         if self.store_id is None:
@@ -123,11 +135,29 @@ class ImageServer:
             making = asyncio.ensure_future(self._make_thumbnail(image, key))
             self._making[key] = making
             making.add_done_callback(lambda _: self._making.pop(key, None))
-        return await asyncio.shield(making)
+        try:
+            async with asyncio.timeout(THUMBNAIL_WAIT_SECONDS):
+                return await asyncio.shield(making)
+        except TimeoutError:  # the thumbnail goes on being made, for the retry
+            raise ThumbnailBusy(f"the thumbnail of image {image.queue_id}/{image.index} is still being made "
+                                "(many are asked for at once): try again in a few seconds") from None
 
     async def _make_thumbnail(self, image: ImageObject, key: str) -> str:
-        async with self._thumbnail_slots:
-            return await self._make_thumbnail_now(image, key)
+        """At most THUMBNAILS_AT_ONCE in this process, THUMBNAILS_PER_QUEUE of them for one queue."""
+        slots, users = self._queue_slots.setdefault(
+            image.queue_id, (asyncio.Semaphore(THUMBNAILS_PER_QUEUE), [0]))
+        users[0] += 1
+        try:
+            async with slots, self._thumbnail_slots:
+                async with asyncio.timeout(THUMBNAIL_MAKE_SECONDS):
+                    return await self._make_thumbnail_now(image, key)
+        except TimeoutError:
+            raise StoreUnavailable(f"making the thumbnail of image {image.queue_id}/{image.index} took over "
+                                   f"{THUMBNAIL_MAKE_SECONDS:g} s (is the image store slow?)") from None
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._queue_slots[image.queue_id]
 
     async def _make_thumbnail_now(self, image: ImageObject, key: str) -> str:
         served = key
@@ -137,7 +167,7 @@ class ImageServer:
             except ObjectMissing:
                 raise ImageGone(await self._why_missing(image)) from None
             try:
-                thumb = await asyncio.to_thread(thumbnail_webp, data)
+                thumb = await asyncio.get_running_loop().run_in_executor(self._decoder, thumbnail_webp, data)
             except ImageUnreadable as exc:
                 log.warning("no thumbnail for image %s/%s: %s", image.queue_id, image.index, exc)
                 served = image.key(False)

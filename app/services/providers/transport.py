@@ -20,9 +20,10 @@ CONNECTIONS_PER_SHARD = 4
 
 def provider_client(concurrency: int, timeout: float) -> httpx.AsyncClient:
     """The client a worker's providers (and webhooks) share: room for `concurrency` requests in
-    flight and as many more. With proxies in the environment, httpx's own client, which honours them."""
+    flight and as many more. With a proxy in the environment, httpx's own client, which honours it (a
+    lone NO_PROXY names no proxy)."""
     connections = max(10, concurrency * 2)
-    if urllib.request.getproxies():
+    if any(scheme != "no" for scheme in urllib.request.getproxies()):
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=concurrency)
         return httpx.AsyncClient(limits=limits, timeout=timeout)
     return httpx.AsyncClient(transport=ShardedTransport(connections), timeout=timeout)
