@@ -38,6 +38,7 @@ from app.services.models import load_catalog
 from app.services.queue.fleet import FleetService
 from app.services.queue.queue_service import QueueService
 from app.services.queue.store import REDIS_ENCODING_ERRORS, QueueStore
+from app.services.queue.sweep import sweep_forever
 from app.services.queue.tickets import Tickets, ticket_timeout
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -178,18 +179,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             image_store = open_store(settings, async_client)
         except ValueError as exc:
             raise SystemExit(f"imagequeue: {exc}") from None
-        images = ImageServer(image_store, store.blob, store.gc_recheck)
+        images = ImageServer(image_store, store.blob, store.gc_recheck,
+                             thumbnail_wait=settings.thumbnail_wait_seconds)
         tickets = Tickets(sync_client, ticket_timeout(settings))
         app.state.queue_service = QueueService(store, tickets, settings, catalog, image_url, images)
         app.state.fleet = FleetService(store, catalog, images)
-        announcer = asyncio.create_task(_announce_image_store(app.state.fleet))
+        background = [
+            asyncio.create_task(_announce_image_store(app.state.fleet)),
+            # Workers sweep too; the API's keeps expired queues' objects going while no worker runs.
+            asyncio.create_task(sweep_forever(image_store, store, settings.image_store_sweep_seconds,
+                                              {"sweeper": "api"})),
+        ]
         log.info("api ready: models %s, redis %s, images in %s", ", ".join(catalog.models),
                  _redacted(settings.effective_redis_url), image_store.location)
         try:
             yield
         finally:
-            announcer.cancel()
-            await asyncio.gather(announcer, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            images.close()
             await image_store.aclose()
             await async_client.aclose()
             sync_client.close()

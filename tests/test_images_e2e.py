@@ -17,7 +17,7 @@ import httpx
 import redis
 from PIL import Image
 
-from app.harness import start_worker, wait_until
+from app.harness import start_worker, stop_all, wait_until
 from tests.seaweedfs import SeaweedServer
 from tests.utils import LOG_DIR, MakeStack, assert_counts_consistent, auth, new_user, wait_status
 
@@ -157,10 +157,43 @@ def test_expired_queues_leave_nothing_in_the_store(make_stack: MakeStack) -> Non
         for image in done["images"]:
             assert client.get(image["thumbnail_url"]).status_code == 200
         assert len(list((directory(env) / qid).iterdir())) == 6
-        wait_until(lambda: not (directory(env) / qid).exists(), ttl + sweep + 10, interval=0.2,
-                   what="the sweep to remove the expired queue's objects")
+        wait_until(lambda: not (directory(env) / qid).exists() and r.zscore("iq:gc", qid) is None,
+                   ttl + sweep + 10, interval=0.2, what="the sweep to remove the expired queue's objects")
         assert not r.exists(f"iq:q:{{{qid}}}") and not r.exists(f"iq:q:{{{qid}}}:img")
-        assert r.zscore("iq:gc", qid) is None
+
+
+def test_the_api_sweeps_expired_queues_while_no_worker_runs(make_stack: MakeStack) -> None:
+    """Workers gone for the night: an expired queue's objects still leave the store, by the API's sweep."""
+    ttl, sweep = 5, 1
+    stack = make_stack(QUEUE_TTL_SECONDS=ttl, IMAGE_STORE_SWEEP_SECONDS=sweep)
+    r = redis.Redis.from_url(stack.redis_url)
+    try:
+        with stack.client() as client:
+            headers = auth(new_user())
+            qid = run_queue(client, headers, prompts=["overnight"], count=2)["queue_id"]
+            stop_all(stack.workers)
+            assert not any(w.alive for w in stack.workers)
+            assert len(list((directory(stack.env) / qid).iterdir())) == 2
+            wait_until(lambda: not (directory(stack.env) / qid).exists() and r.zscore("iq:gc", qid) is None,
+                       ttl + sweep + 10, interval=0.2, what="the API's sweep to remove the expired queue's objects")
+            assert client.get("/health").json()["workers"] == 0
+    finally:
+        r.close()
+
+
+def test_a_thumbnail_still_being_made_answers_503_with_retry_after_and_is_there_on_the_retry(
+        make_stack: MakeStack) -> None:
+    with images_stack(make_stack, THUMBNAIL_WAIT_SECONDS=0.001) as (client, _, _r):
+        headers = auth(new_user())
+        done = run_queue(client, headers, prompts=["a large one"], width=1024, height=1024)
+        url = done["images"][0]["thumbnail_url"]
+        busy = client.get(url)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "2"
+        assert "is still being made" in busy.json()["detail"]
+        wait_until(lambda: client.get(url).status_code == 200, 10, interval=0.1, what="the thumbnail")
+        thumb = client.get(url)
+        assert thumb.headers["content-type"] == "image/webp"
+        assert Image.open(io.BytesIO(thumb.content)).size == (256, 256)
 
 
 def test_images_written_before_the_store_stay_readable(make_stack: MakeStack) -> None:

@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     aws_region: str | None = None
     image_store_retry_seconds: float = Field(default=120.0, gt=0)  # upload retries before the image fails
     image_store_sweep_seconds: float = Field(default=60.0, gt=0)  # how often expired queues' objects are removed
+    thumbnail_wait_seconds: float = Field(default=30.0, gt=0, le=600)  # then 503 + Retry-After while it is made
 
     # Limits
     max_prompt_length: int = Field(default=2000, ge=1)

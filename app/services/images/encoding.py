@@ -82,10 +82,25 @@ def _check_png(data: bytes) -> None:
 
 
 def _check_jpeg(data: bytes) -> None:
-    """ImageUnreadable unless the JPEG ends with its end-of-image marker (entropy-coded data never
-    holds one, and an embedded thumbnail's comes long before the end): what an answer cut short lacks."""
-    if not data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
-        raise ImageUnreadable("the provider's image is cut short (its JPEG has no end-of-image marker)")
+    """ImageUnreadable unless the JPEG's image data is closed by an end-of-image marker: its segments
+    are walked to the first scan, after which entropy-coded data never holds one (an embedded
+    thumbnail's lies in a segment before it). Bytes after the marker (padding, a trailer) are allowed."""
+    pos, size = 2, len(data)
+    while pos + 4 <= size:
+        if data[pos] != 0xFF:
+            raise ImageUnreadable("the provider's image is damaged (its JPEG segments do not line up)")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+        elif marker == 0xDA:  # start of scan: the image data follows, to the end-of-image marker
+            if data.find(b"\xff\xd9", pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")) < 0:
+                break
+            return
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    raise ImageUnreadable("the provider's image is cut short (its JPEG has no end-of-image marker)")
 
 
 def _whole_when_opened(data: bytes) -> None:

@@ -20,7 +20,6 @@ from app.services.images.base import (
     ObjectMissing,
     ObjectStream,
     StoreError,
-    StoreUnavailable,
     content_type_of,
     single_chunk,
     thumbnail_key,
@@ -33,8 +32,7 @@ THUMBNAIL_TYPE = "image/webp"
 KNOWN_THUMBNAILS = 100_000  # thumbnails this process knows exist (so it need not look again)
 THUMBNAILS_AT_ONCE = 4  # made at the same time by one API process: each holds its image in memory
 THUMBNAILS_PER_QUEUE = 2  # of those, for one queue: a grid of 1,000 new tiles leaves room for others
-THUMBNAIL_WAIT_SECONDS = 30.0  # a request waits this long for its thumbnail, then gets a 503 to retry
-THUMBNAIL_MAKE_SECONDS = 60.0  # making one (read, decode, write) gives up after this: a hung store frees its slot
+THUMBNAIL_WAIT_SECONDS = 30.0  # a request's wait for its thumbnail by default (Settings.thumbnail_wait_seconds)
 
 LegacyReader = Callable[[str, int], Awaitable[bytes | None]]
 Written = Callable[[str], Awaitable[None]]
@@ -78,8 +76,10 @@ class ImageObject:
 class ImageServer:
     """Opens image objects from the store (or, for old records, from Redis)."""
 
-    def __init__(self, store: ImageStore, legacy: LegacyReader, written: Written | None = None) -> None:
+    def __init__(self, store: ImageStore, legacy: LegacyReader, written: Written | None = None, *,
+                 thumbnail_wait: float = THUMBNAIL_WAIT_SECONDS) -> None:
         self.store = store
+        self.thumbnail_wait = thumbnail_wait  # a request waits this long for its thumbnail, then gets a 503
         self.legacy = legacy
         self.written = written
         self.store_id: str | None = None
@@ -91,6 +91,9 @@ class ImageServer:
         self._queue_slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}  # queue -> (slots, [users])
         # Decoding has threads of its own, so file streaming (the default executor) never waits behind it.
         self._decoder = ThreadPoolExecutor(THUMBNAILS_AT_ONCE, thread_name_prefix="thumbnail")
+
+    def close(self) -> None:
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
     async def identify(self) -> str | None:
         if self.store_id is None:
@@ -134,26 +137,31 @@ class ImageServer:
         if making is None:
             making = asyncio.ensure_future(self._make_thumbnail(image, key))
             self._making[key] = making
-            making.add_done_callback(lambda _: self._making.pop(key, None))
+            making.add_done_callback(lambda done: self._made(key, done))
         try:
-            async with asyncio.timeout(THUMBNAIL_WAIT_SECONDS):
+            async with asyncio.timeout(self.thumbnail_wait):
                 return await asyncio.shield(making)
         except TimeoutError:  # the thumbnail goes on being made, for the retry
             raise ThumbnailBusy(f"the thumbnail of image {image.queue_id}/{image.index} is still being made "
                                 "(many are asked for at once): try again in a few seconds") from None
 
+    def _made(self, key: str, done: asyncio.Future[str]) -> None:
+        """A making ended. Its failure is read here, since every request that waited for it may have
+        given up (ThumbnailBusy) and none would; the next request tries again."""
+        self._making.pop(key, None)
+        if not done.cancelled() and (exc := done.exception()) is not None:
+            log.warning("making thumbnail %s failed: %s", key, getattr(exc, "message", None) or repr(exc))
+
     async def _make_thumbnail(self, image: ImageObject, key: str) -> str:
-        """At most THUMBNAILS_AT_ONCE in this process, THUMBNAILS_PER_QUEUE of them for one queue."""
+        """At most THUMBNAILS_AT_ONCE in this process, THUMBNAILS_PER_QUEUE of them for one queue. A
+        making is never cut short (its thread could not be stopped, and a thumbnail written but not
+        told to the sweep would be left behind): the store's own timeouts bound it."""
         slots, users = self._queue_slots.setdefault(
             image.queue_id, (asyncio.Semaphore(THUMBNAILS_PER_QUEUE), [0]))
         users[0] += 1
         try:
             async with slots, self._thumbnail_slots:
-                async with asyncio.timeout(THUMBNAIL_MAKE_SECONDS):
-                    return await self._make_thumbnail_now(image, key)
-        except TimeoutError:
-            raise StoreUnavailable(f"making the thumbnail of image {image.queue_id}/{image.index} took over "
-                                   f"{THUMBNAIL_MAKE_SECONDS:g} s (is the image store slow?)") from None
+                return await self._make_thumbnail_now(image, key)
         finally:
             users[0] -= 1
             if not users[0]:

@@ -27,7 +27,8 @@ from app.services.providers.base import (
 ERROR_TEXT_CHARS = 500  # how much of a provider's unstructured error body a message keeps
 # Base64 payloads up to this size decode on the event loop: pybase64's SIMD decoder takes about
 # 0.15 ms for a 1024x1024 PNG's 3.5 MB (the standard library's about 8 ms, holding the GIL).
-INLINE_B64_CHARS = (16 << 20) if "C extension active" in pybase64.get_version() else (256 << 10)
+_SIMD = "C extension active" in pybase64.get_version() and "No SIMD" not in pybase64.get_version()
+INLINE_B64_CHARS = (16 << 20) if _SIMD else (256 << 10)
 _IMAGE_MAGIC = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"RIFF", "image/webp"))
 
 

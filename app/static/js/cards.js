@@ -134,12 +134,17 @@ function updateTile(tile, img) {
     if (!image) {
       tile.replaceChildren();
       image = el("img", { class: "tile-image", loading: "lazy", decoding: "async", alt: "" });
+      image.addEventListener("error", retryTileImage);
       tile.append(image);
     }
     image.alt = img.prompt || `image ${img.index}`;
     // Tiles show the ~256 px thumbnail (a few KB); the lightbox loads the full image.
     const src = img.thumb || img.url;
-    if (image.getAttribute("src") !== src) image.src = src;
+    if (image.dataset.src !== src) {
+      image.dataset.src = src;
+      image.dataset.tries = "0";
+      image.src = src;
+    }
   } else if (img.status === "failed") {
     tile.replaceChildren(el("span", { class: "tile-label", text: "failed" }),
       el("span", { class: "tile-error", text: img.error || "" }));
@@ -150,6 +155,20 @@ function updateTile(tile, img) {
   }
   // Not `disabled`: a failed tile keeps its tooltip and stays focusable for its error text.
   tile.setAttribute("aria-disabled", String(img.status !== "succeeded"));
+}
+
+// A thumbnail the API is still making answers 503 (Retry-After: 2) when many are asked for at once:
+// the tile asks again, a little later each time, a few times.
+const TILE_RETRIES = 5;
+function retryTileImage(event) {
+  const image = event.currentTarget;
+  const src = image.dataset.src;
+  const tries = Number(image.dataset.tries || 0) + 1;
+  if (!src || tries > TILE_RETRIES) return;
+  image.dataset.tries = String(tries);
+  setTimeout(() => {
+    if (image.dataset.src === src) image.src = `${src}${src.includes("?") ? "&" : "?"}retry=${tries}`;
+  }, 2000 * tries);
 }
 
 // A running image with step progress: its latest preview (when the provider sends them) under a

@@ -13,18 +13,17 @@ from typing import Any
 import redis
 
 from app.core.config import Settings
-from app.services.images import ImageStore, StoreError, queue_prefix
+from app.services.images import ImageStore, StoreError
 from app.services.images.encoding import OutputFormat
 from app.services.images.saving import save_image
 from app.services.queue.store import Claim, QueueStore
+from app.services.queue.sweep import sweep_forever
 
 log = logging.getLogger("imagequeue.worker")
 
 BACKLOG_PER_SLOT = 2  # images awaiting their upload, per slot, before finished slots wait to free
 VISIBILITY_CHECK_SECONDS = 10.0
 READER_FRESH_MS = 10 * 60 * 1000  # an API that announced its store this recently counts as a reader
-SWEEP_BATCH = 50  # queues whose objects one sweep removes at most
-SWEEP_LEASE_MS = 60_000  # a sweep that dies leaves its queues to another after this
 STORE_RETRY_SECONDS = 5.0  # a store unreachable at start is looked at again this often
 
 
@@ -125,23 +124,5 @@ class ImageKeeper:
 
     async def sweep(self) -> None:
         """Removes the objects of queues that are gone (expired or deleted), as Redis lists them."""
-        while True:
-            await asyncio.sleep(self.settings.image_store_sweep_seconds)
-            with contextlib.suppress(redis.RedisError):
-                await self.sweep_once()
-
-    async def sweep_once(self) -> int:
-        due = await self.queues.gc_due(SWEEP_BATCH, SWEEP_LEASE_MS)
-        done: list[str] = []
-        for queue_id in due:
-            try:
-                removed = await self.images.delete_prefix(queue_prefix(queue_id))
-            except StoreError as exc:  # left leased: another sweep takes it up after the lease
-                log.warning("sweep of queue %s failed: %s", queue_id, exc.message, extra={"worker": self.worker})
-                continue
-            done.append(queue_id)
-            if removed:
-                log.info("removed %d object(s) of expired queue %s", removed, queue_id,
-                         extra={"worker": self.worker, "queue_id": queue_id})
-        await self.queues.gc_done(done)
-        return len(done)
+        await sweep_forever(self.images, self.queues, self.settings.image_store_sweep_seconds,
+                            {"worker": self.worker})
