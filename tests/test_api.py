@@ -104,6 +104,14 @@ def test_image_url_access_rules(client: httpx.Client) -> None:
     assert "?a=1&" in image["url"]
     assert client.get(image["url"].replace("?a=1&", "?a=2&")).status_code == 404
     assert client.get(image["url"].replace("?a=1&", "?")).status_code == 200
+    # An expired or broken signed URL (from an old status) still serves its owner's bearer token, and
+    # only theirs; a bad token beside a good signature changes nothing.
+    stale = f"{plain}?a=1&exp={int(time.time()) - 5}&sig=" + "A" * 43
+    assert client.get(stale, headers=owner).status_code == 200
+    assert client.get(stale, headers=other).status_code == 404
+    assert client.get(tampered, headers=owner).status_code == 200
+    assert client.get(image["url"], headers={"Authorization": "Bearer nonsense"}).status_code == 200
+    assert client.get(stale, headers={"Authorization": "Bearer nonsense"}).status_code == 404
 
 
 def test_image_route_authorises_before_telling_whether_an_image_exists(client: httpx.Client) -> None:
@@ -221,6 +229,31 @@ def test_lone_surrogate_in_any_create_field_is_422(client: httpx.Client) -> None
     assert r.status_code == 201, r.text
     assert r.json()["images"][0]["prompt"] == "a \U0001f98a"
     wait_status(client, headers, r.json()["queue_id"], {"completed"})
+
+
+def test_params_no_json_writer_could_read_back_are_422_and_leave_nothing_behind(client: httpx.Client) -> None:
+    """NaN, Infinity, 1e999 and 4,000-digit integers parse in Python but no strict JSON reader takes
+    them; params nested hundreds deep are refused too. Each is a clear 422, and no queue is made."""
+    headers = {**auth(new_user()), "Content-Type": "application/json"}
+    deep = "[" * 500 + "]" * 500
+    cases = {
+        "NaN": ('{"x": NaN}', "finite"), "Infinity": ('{"x": [1, -Infinity]}', "finite"),
+        "1e999": ('{"x": {"y": 1e999}}', "finite"), "huge int": ('{"x": ' + "9" * 4000 + "}", "64 bits"),
+        "deep": ('{"x": ' + deep + "}", "nested more than 32"),
+    }
+    for what, (params, words) in cases.items():
+        for path, base in (("/create-queue", '"prompts": ["x"]'), ("/generate", '"prompt": "x"')):
+            body = f'{{{base}, "width": 64, "height": 64, "params": {params}}}'.encode()
+            r = client.post(path, content=body, headers=headers)
+            assert r.status_code == 422, (what, path, r.status_code, r.text[:300])
+            assert words in r.json()["detail"][0]["msg"], (what, r.text[:300])
+    history = client.get("/history", headers=headers)
+    assert history.status_code == 200 and history.json()["queues"] == []
+    assert client.get("/active-queues", headers=headers).json()["queues"] == []
+    ok = client.post("/create-queue", headers=headers, json={"prompts": ["x"], "width": 64, "height": 64,
+                                                              "params": {"x": [1.5, -(2**63), 2**63 - 1, True]}})
+    assert ok.status_code == 201, ok.text
+    wait_status(client, headers, ok.json()["queue_id"], {"completed"})
 
 
 def _peak_rss_bytes(pid: int) -> int:

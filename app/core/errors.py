@@ -82,7 +82,14 @@ class SafeJSONResponse(JSONResponse):
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return SafeJSONResponse({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+        errors = exc.errors()
+        try:
+            return SafeJSONResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+        except (ValueError, RecursionError):
+            # The refused input itself cannot be written back as JSON (NaN, Infinity, nesting too deep
+            # to encode): the errors go without it.
+            bare = [{k: v for k, v in e.items() if k not in ("input", "ctx")} for e in errors]
+            return SafeJSONResponse({"detail": jsonable_encoder(bare)}, status_code=422)
 
     @app.exception_handler(ImageQueueError)
     async def _domain(_: Request, exc: ImageQueueError) -> JSONResponse:

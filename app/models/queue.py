@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -9,6 +10,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from app.services.queue.states import ImageStatus, Priority, QueueState, WebhookEvent
 
 MAX_SEED = 2**53
+MAX_PARAMS_DEPTH = 32  # arrays and objects inside params
 OutputFormat = Literal["png", "webp", "jpeg"]
 
 
@@ -24,17 +26,25 @@ def _valid_text(value: str) -> str:
     return value
 
 
-def _valid_json_text(value: Any) -> Any:
-    """Every key and string inside a JSON value, as _valid_text."""
+def _valid_json_text(value: Any, depth: int = 0) -> Any:
+    """A JSON value every program can read back: text as _valid_text, numbers finite and within 64
+    bits (NaN, Infinity and 1e999 parse in Python, but no strict JSON writer or reader takes them),
+    and nesting at most MAX_PARAMS_DEPTH deep."""
+    if depth > MAX_PARAMS_DEPTH:
+        raise ValueError(f"nested more than {MAX_PARAMS_DEPTH} levels deep")
     if isinstance(value, str):
         return _valid_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"numbers must be finite, not {value!r}")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise ValueError("integers must fit in 64 bits")
     if isinstance(value, dict):
         for key, item in value.items():
             _valid_text(key)
-            _valid_json_text(item)
+            _valid_json_text(item, depth + 1)
     elif isinstance(value, list):
         for item in value:
-            _valid_json_text(item)
+            _valid_json_text(item, depth + 1)
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -9,7 +10,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
-from app.core.errors import NotFound, ServiceUnavailable
+from app.core.errors import NotFound, ServiceUnavailable, Unauthorized
 from app.core.security import bearer_scheme, user_from_credentials
 from app.routers.deps import COMMON_RESPONSES, AppSettings, Service
 from app.services.images import RangeNotSatisfiable, StoreUnavailable, parse_range
@@ -41,9 +42,14 @@ async def image_access(
     sig: Annotated[str | None, Query(max_length=64)] = None,
     a: Annotated[int | None, Query(ge=0, le=2**31, description="the attempt a signed URL binds")] = None,
 ) -> ImageAccess:
-    """A signed URL's `exp`, `sig` (and `a`), else the bearer token (401 without either)."""
+    """A signed URL's `exp`, `sig` (and `a`), else the bearer token (401 without either). With both, the
+    token is the fallback: the owner still gets an image whose URL (from an old status) has expired."""
     if exp is not None and sig is not None:
-        return ImageAccess(signature=ImageSignature(exp, sig, a))
+        owner = None
+        if "authorization" in request.headers:
+            with contextlib.suppress(Unauthorized):  # the signature decides; a bad token changes nothing
+                owner = user_from_credentials(request, await bearer_scheme(request)).id
+        return ImageAccess(user_id=owner, signature=ImageSignature(exp, sig, a))
     return ImageAccess(user_id=user_from_credentials(request, await bearer_scheme(request)).id)
 
 

@@ -521,24 +521,15 @@ class QueueService:
     async def _authorised_record(
         self, queue_id: str, index: int, user_id: str | None, signature: ImageSignature | None
     ) -> dict[str, Any] | None:
-        """An image's record, once the caller is known to be its owner or to hold a signed URL for its
-        current attempt (NotFound otherwise, the same whatever exists); None when it has none."""
+        """An image's record, once the caller is known to hold a signed URL for its current attempt or to
+        be its owner (NotFound otherwise, the same whatever exists); None when it has none. With both,
+        a signature that does not hold falls back to the owner's check."""
         if signature is not None:
-            if not valid_queue_id(queue_id) or not image_signature_current(signature.expires, signature.signature):
-                raise NotFound(LINK_NOT_FOUND)
-            # A URL that names its attempt is checked whole before anything is read.
-            if signature.attempt is not None and not check_image_signature(
-                self.settings, queue_id, index, signature.attempt, signature.expires, signature.signature
-            ):
-                raise NotFound(LINK_NOT_FOUND)
-            rec = (await self.store.records(queue_id, [index])).get(index)
-            attempt = int(rec.get("a", 0)) if rec is not None else None
-            if attempt is None or (signature.attempt is not None and attempt != signature.attempt) or (
-                signature.attempt is None and not check_image_signature(
-                    self.settings, queue_id, index, attempt, signature.expires, signature.signature)
-            ):
-                raise NotFound(LINK_NOT_FOUND)
-            return rec
+            try:
+                return await self._signed_record(queue_id, index, signature)
+            except NotFound:
+                if user_id is None:
+                    raise
         if user_id is None:
             raise ValueError("an image is read by its owner or with a signature")
         try:
@@ -546,6 +537,24 @@ class QueueService:
         except NotFound:
             raise NotFound(IMAGE_NOT_FOUND) from None
         return (await self.store.records(queue_id, [index])).get(index)
+
+    async def _signed_record(self, queue_id: str, index: int, signature: ImageSignature) -> dict[str, Any] | None:
+        """The record of an image whose signed URL holds (NotFound LINK_NOT_FOUND otherwise)."""
+        if not valid_queue_id(queue_id) or not image_signature_current(signature.expires, signature.signature):
+            raise NotFound(LINK_NOT_FOUND)
+        # A URL that names its attempt is checked whole before anything is read.
+        if signature.attempt is not None and not check_image_signature(
+            self.settings, queue_id, index, signature.attempt, signature.expires, signature.signature
+        ):
+            raise NotFound(LINK_NOT_FOUND)
+        rec = (await self.store.records(queue_id, [index])).get(index)
+        attempt = int(rec.get("a", 0)) if rec is not None else None
+        if attempt is None or (signature.attempt is not None and attempt != signature.attempt) or (
+            signature.attempt is None and not check_image_signature(
+                self.settings, queue_id, index, attempt, signature.expires, signature.signature)
+        ):
+            raise NotFound(LINK_NOT_FOUND)
+        return rec
 
     @property
     def _user_ttl(self) -> int:
