@@ -10,6 +10,7 @@ import itertools
 import json
 import re
 import secrets
+import socket
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -139,6 +140,15 @@ def check_webhook(req: CreateQueueRequest, settings: Settings) -> dict[str, Any]
     problem = webhook_url_problem(url)
     if problem:
         raise Unprocessable(f"webhook_url is not a usable URL: {problem}", ("body", "webhook_url"))
+    if not settings.webhook_allow_private:
+        # Names are checked where they resolve, at each delivery; an address or localhost is known now.
+        host = (urlsplit(url).hostname or "").rstrip(".").lower()
+        address = literal_address(host)
+        if host == "localhost" or host.endswith(".localhost") or (
+                address is not None and not webhook_address_allowed(address)):
+            raise Unprocessable(
+                f"webhook_url points at a private, loopback or reserved address ({host}); webhooks go to "
+                "public addresses only (the operator may set WEBHOOK_ALLOW_PRIVATE)", ("body", "webhook_url"))
     events = req.webhook_events or [e.value for e in WebhookEvent]
     known = {e.value for e in WebhookEvent}
     bad = [e for e in events if e not in known]
@@ -174,6 +184,40 @@ def webhook_url_problem(url: str) -> str | None:
         except ValueError:
             return "invalid IPv6 address"
     return None
+
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # well-known NAT64 prefix: the last 32 bits are an IPv4 address
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # local-use NAT64 (RFC 8215): a private network's
+# Not globally reachable per IANA, but `is_global` on older Pythons (before 3.12.4) misses it.
+_IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
+
+
+def webhook_address_allowed(address: Address) -> bool:
+    """Only globally routable unicast addresses: not private, loopback, link-local, carrier-grade NAT
+    (100.64.0.0/10), documentation, benchmarking, reserved or multicast, nor an IPv6 form that embeds
+    such an IPv4 address (mapped, 6to4, Teredo, NAT64)."""
+    if address.is_multicast or not address.is_global or address in _IETF_PROTOCOL:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in _NAT64_LOCAL:
+            return False
+        embedded = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
+        if address in _NAT64:
+            embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF))
+        return all(webhook_address_allowed(v4) for v4 in embedded if v4 is not None)
+    return True
+
+
+def literal_address(host: str) -> Address | None:
+    """The address a host written as one names, in any form a resolver takes as an address rather
+    than a name ("127.1", "2130706433", "0x7f000001", "[::ffff:127.0.0.1]"); None for a name."""
+    try:
+        return ipaddress.IPv6Address(host.split("%", 1)[0]) if ":" in host else ipaddress.IPv4Address(
+            socket.inet_aton(host))
+    except (OSError, ValueError):
+        return None
 
 
 def _check_prompt(prompt: str, loc: tuple[str | int, ...], settings: Settings) -> None:

@@ -30,7 +30,7 @@ import httpx
 
 from app.services.queue.states import ImageStatus, QueueState, WebhookEvent
 from app.services.queue.store import QueueStore
-from app.services.queue.validation import webhook_url_problem
+from app.services.queue.validation import Address, webhook_address_allowed, webhook_url_problem
 
 log = logging.getLogger("imagequeue.webhooks")
 
@@ -59,37 +59,12 @@ def sign(secret: bytes, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={digest}"
 
 
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
 def _resolve(host: str) -> list[Address]:
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         return []
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
-
-
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # well-known NAT64 prefix: the last 32 bits are an IPv4 address
-_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # local-use NAT64 (RFC 8215): a private network's
-# Not globally reachable per IANA, but `is_global` on older Pythons (before 3.12.4) misses it.
-_IETF_PROTOCOL = ipaddress.IPv4Network("192.0.0.0/24")
-
-
-def webhook_address_allowed(address: Address) -> bool:
-    """Only globally routable unicast addresses: not private, loopback, link-local, carrier-grade NAT
-    (100.64.0.0/10), documentation, benchmarking, reserved or multicast, nor an IPv6 form that embeds
-    such an IPv4 address (mapped, 6to4, Teredo, NAT64)."""
-    if address.is_multicast or not address.is_global or address in _IETF_PROTOCOL:
-        return False
-    if isinstance(address, ipaddress.IPv6Address):
-        if address in _NAT64_LOCAL:
-            return False
-        embedded = [address.ipv4_mapped, address.sixtofour, address.teredo[1] if address.teredo else None]
-        if address in _NAT64:
-            embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFF_FFFF))
-        return all(webhook_address_allowed(v4) for v4 in embedded if v4 is not None)
-    return True
 
 
 def _pinned(url: str, address: Address) -> tuple[str, str, dict[str, Any]]:
