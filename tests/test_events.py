@@ -145,3 +145,27 @@ def test_event_ids_beyond_64_bits_are_refused_before_the_stream_starts(client: h
         assert response.status_code == 200
     events = read_sse(client, f"/queue-events/{qid}", {**headers, "Last-Event-ID": "0"})
     assert events[-1]["event"] == "end"
+
+
+def test_resuming_at_or_after_the_final_event_gets_the_end_at_once(client: httpx.Client) -> None:
+    """A client that resumes after a finished queue's final event has missed nothing but the `end`: it
+    gets that promptly (the read timeout is well under a ping's interval), for a cancelled queue too."""
+    headers = auth(new_user())
+    done = client.post("/create-queue", headers=headers, json={"prompts": ["a"], "count": 2, "width": 64,
+                                                               "height": 64}).json()["queue_id"]
+    cancelled = client.post("/create-queue", headers=headers, json={
+        "prompts": ["a"], "count": 20, "width": 64, "height": 64, "params": {"latency_ms": 200}}).json()["queue_id"]
+    assert client.post(f"/cancel-queue/{cancelled}", headers=headers).status_code == 200
+    wait_status(client, headers, done, {"completed"})
+    wait_status(client, headers, cancelled, {"cancelled"})
+    for qid in (done, cancelled):
+        full = read_sse(client, f"/queue-events/{qid}", headers)
+        assert full[-1]["event"] == "end" and full[-2]["data"]["final"] is True
+        final_id = full[-2]["id"]
+        ms, _, seq = final_id.partition("-")
+        for resume in (final_id, f"{ms}-{int(seq) + 1}", f"{int(ms) + 1000}-0"):
+            rest = read_sse(client, f"/queue-events/{qid}", {**headers, "Last-Event-ID": resume}, timeout=5)
+            assert rest == [{"event": "end", "data": {"queue_id": qid}}], (qid, resume, rest)
+        # Resuming one event earlier still replays the final event exactly once, then the end.
+        rest = read_sse(client, f"/queue-events/{qid}?last_event_id={full[-3]['id']}", headers, timeout=5)
+        assert [e.get("id") for e in rest] == [final_id, None] and rest[-1]["event"] == "end"

@@ -80,6 +80,13 @@ def _owned(meta: Mapping[str, str] | None, user_id: str) -> Mapping[str, str]:
     return meta
 
 
+async def _no_more_events() -> AsyncGenerator[list[QueueEvent], None]:
+    """The events of a queue that ended at or before the resume point: none (the stream goes straight
+    to its end)."""
+    return
+    yield
+
+
 @dataclass(frozen=True, slots=True)
 class QueueEvent:
     """One entry of a queue's or a user's event stream."""
@@ -245,20 +252,30 @@ class QueueService:
         self, user_id: str, queue_id: str | None, after: str | None
     ) -> AsyncGenerator[list[QueueEvent], None]:
         """Batches of events (an empty one each time EVENTS_BLOCK_MS passes without news), after the
-        event id `after`: one queue's from its start, ending with its final event, or all the user's
-        queues' from now on. Running images' image.progress events are merged in live, from now on,
-        without ids (they are never replayed: a status has the current progress). Ownership and the
-        starting points are settled before this returns, so their errors come before any event."""
+        event id `after`: one queue's from its start, ending with its final event (at once when `after`
+        is at or past it), or all the user's queues' from now on. Running images' image.progress events
+        are merged in live, from now on, without ids (they are never replayed: a status has the current
+        progress). Ownership and the starting points are settled before this returns, so their errors
+        come before any event."""
         uk = user_key(user_id)
         if queue_id is not None:
             await self.owned_queue(user_id, queue_id)
             key = self.store.queue_events_key(queue_id)
+            if after is not None and await self._ended_by(key, after):
+                return _no_more_events()
             start = after or "0-0"
         else:
             key = self.store.user_events_key(uk)
             start = after if after is not None else await self.store.newest_event_id(key)
         live = self.store.progress_events_key(uk)
         return self._follow(key, start, live, await self.store.newest_event_id(live), queue_id)
+
+    async def _ended_by(self, key: str, after: str) -> bool:
+        """Whether a queue's newest event is its final one and comes at or before `after`: a reader
+        resuming there has seen the queue end. Following would wait for a final event that already
+        went by (until a retry starts the queue again, which writes a newer event and so is followed)."""
+        newest = await self.store.newest_event(key)
+        return newest is not None and bool(newest[1].get("final")) and _stream_id(newest[0]) <= _stream_id(after)
 
     async def _follow(
         self, key: str, after: str, live: str, live_after: str, queue_id: str | None

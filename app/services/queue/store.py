@@ -696,6 +696,11 @@ class QueueStore:
         batch: Any = await self.redis.xread(streams, block=block_ms, count=count)
         return {_s(key): [(_s(i), json.loads(f[b"d"])) for i, f in entries] for key, entries in batch}
 
+    async def newest_event(self, key: str) -> tuple[str, dict[str, Any]] | None:
+        """An event stream's newest entry, id and data (None when empty)."""
+        newest: Any = await self.redis.xrevrange(key, count=1)
+        return (_s(newest[0][0]), json.loads(newest[0][1][b"d"])) if newest else None
+
     async def newest_event_id(self, key: str) -> str:
         """The id of a stream's newest entry ("0-0" when empty): where "from now on" starts."""
         newest: Any = await self.redis.xrevrange(key, count=1)
