@@ -87,6 +87,15 @@ def test_images_go_to_the_file_store_and_redis_keeps_only_records(make_stack: Ma
         assert part.headers["content-range"] == f"bytes 10-19/{len(full.content)}"
         beyond = client.get(image["url"], headers={"Range": f"bytes={len(full.content)}-"})
         assert beyond.status_code == 416
+        etag = full.headers["etag"]
+        for matching in ("*", f'"other", {etag}', f"W/{etag}"):
+            assert client.get(image["url"], headers={"If-None-Match": matching}).status_code == 304, matching
+        assert client.get(image["url"], headers={"If-None-Match": '"other"'}).status_code == 200
+        # If-Range: the part while the client's copy is this image, all of it otherwise.
+        resumed = client.get(image["url"], headers={"Range": "bytes=10-19", "If-Range": etag})
+        assert resumed.status_code == 206 and resumed.content == full.content[10:20]
+        changed = client.get(image["url"], headers={"Range": "bytes=10-19", "If-Range": '"other"'})
+        assert changed.status_code == 200 and changed.content == full.content
         with_token = client.get(f"/images/{qid}/1", headers=headers)
         assert with_token.status_code == 200 and with_token.headers["content-type"] == "image/webp"
 

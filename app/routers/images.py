@@ -56,6 +56,12 @@ async def image_access(
 Access = Annotated[ImageAccess, Depends(image_access)]
 
 
+def _matches(if_none_match: str, etag: str) -> bool:
+    """If-None-Match holds `*` or this ETag (weak or strong) among its comma-separated values."""
+    tags = {t.strip().removeprefix("W/") for t in if_none_match.split(",")}
+    return "*" in tags or etag.removeprefix("W/") in tags
+
+
 @router.get(
     "/images/{queue_id}/{index}",
     response_class=Response,
@@ -86,11 +92,14 @@ async def get_image(
         if url is not None:
             return RedirectResponse(url, status_code=302, headers={"Cache-Control": REDIRECT_CACHE_CONTROL})
         stream = await service.images.open(image, thumb, None)
-        if stream.etag and stream.etag in request.headers.get("if-none-match", ""):
+        if stream.etag and _matches(request.headers.get("if-none-match", ""), stream.etag):
             await stream.aclose()
             return Response(status_code=304, headers={"ETag": stream.etag, "Cache-Control": CACHE_CONTROL})
         try:
-            byte_range = parse_range(request.headers.get("range"), stream.size)
+            # If-Range: the range only while the image is the one the client has part of, else all of it.
+            if_range = request.headers.get("if-range")
+            ranged = if_range is None or if_range.strip() == stream.etag
+            byte_range = parse_range(request.headers.get("range") if ranged else None, stream.size)
         except RangeNotSatisfiable:
             await stream.aclose()
             return Response(status_code=416, headers={"Content-Range": f"bytes */{stream.size}"})
