@@ -215,7 +215,7 @@ async def test_retry_gives_the_user_keys_it_recreates_a_lifetime(store: QueueSto
     assert await store.complete(claim, Outcome.FAILED, ttl=TTL, user_ttl=TTL, error="x") == "failed"
     for suffix in (":active", ":hist", ":ev", ":stats"):  # the user's index is gone, the queue still here
         await store.redis.delete(f"{PREFIX}u:u8{suffix}")
-    assert (await store.retry("r", "u8", False, TTL))[1] == 1
+    assert (await store.retry("r", "u8", False, TTL, max_pending=0, max_active=0)).images == 1
     keys = [k async for k in store.redis.scan_iter(f"{PREFIX}u:u8*")]
     assert keys
     for key in keys:

@@ -88,7 +88,12 @@ async def cancel_queue(queue_id: str, user: CurrentUser, service: Service) -> Qu
 @router.post(
     "/retry-queue/{queue_id}",
     response_model=QueueStatus,
-    responses={**_NOT_FOUND, 409: {"description": "Queue still running, or nothing to retry"}},
+    responses={
+        **_NOT_FOUND,
+        409: {"description": "Queue still running, or nothing to retry"},
+        422: {"description": "The retry would run more images than the per-user pending limit"},
+        429: CREATE_RESPONSES[429],
+    },
 )
 async def retry_queue(
     queue_id: str, user: CurrentUser, service: Service, body: RetryRequest | None = None

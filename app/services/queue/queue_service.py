@@ -48,7 +48,7 @@ from app.services.queue.status_view import (
 )
 from app.services.queue.store import QueueStore, user_key
 from app.services.queue.tickets import Tickets
-from app.services.queue.validation import check_create
+from app.services.queue.validation import check_create, check_fits_pending_limit
 
 log = logging.getLogger("imagequeue.api")
 
@@ -188,21 +188,27 @@ class QueueService:
             raise Unprocessable(
                 "this Idempotency-Key was already used with a different request body", ("header", "Idempotency-Key")
             )
-        if result.outcome == CreateOutcome.LIMIT_ACTIVE:
-            raise TooManyRequests(
-                f"you already have {result.detail} active queues, the most allowed; wait for one to finish",
-                ADMISSION_RETRY_AFTER_SECONDS,
-            )
-        if result.outcome == CreateOutcome.LIMIT_PENDING:
-            raise TooManyRequests(
-                f"this queue would exceed your limit of {s.max_pending_images_per_user} pending images "
-                f"(room for {max(0, int(result.detail))} more); wait for some to finish",
-                ADMISSION_RETRY_AFTER_SECONDS,
-            )
+        if result.outcome in (CreateOutcome.LIMIT_ACTIVE, CreateOutcome.LIMIT_PENDING):
+            raise self._refused("this queue", result.outcome == CreateOutcome.LIMIT_ACTIVE, result.detail)
         if result.outcome == CreateOutcome.REPLAY:
             return await self.status(user_id, result.queue_id, images_limit=None), True
         await self.wake(checked.model, checked.total)
         return await self.status(user_id, queue_id, images_limit=None), False
+
+    def _refused(self, what: str, active: bool, detail: str) -> TooManyRequests:
+        """The 429 of a create or a retry the per-user limits refuse for now (`detail`: the active-queue
+        limit, or the room left for pending images); the same words for both, since a retry admits
+        images and a queue exactly as a create does."""
+        if active:
+            return TooManyRequests(
+                f"you already have {detail} active queues, the most allowed; wait for one to finish",
+                ADMISSION_RETRY_AFTER_SECONDS,
+            )
+        return TooManyRequests(
+            f"{what} would exceed your limit of {self.settings.max_pending_images_per_user} pending images "
+            f"(room for {max(0, int(detail))} more); wait for some to finish",
+            ADMISSION_RETRY_AFTER_SECONDS,
+        )
 
     async def wake(self, model: str, images: int) -> None:
         """Enqueue enough RQ tickets for every live worker of `model` to join in."""
@@ -481,9 +487,20 @@ class QueueService:
     async def retry(self, user_id: str, queue_id: str, include_cancelled: bool) -> QueueStatus:
         if not valid_queue_id(queue_id):
             raise NotFound(QUEUE_NOT_FOUND)
-        outcome, _ = await self.store.retry(
-            queue_id, user_key(user_id), include_cancelled, self.settings.queue_safety_ttl_seconds
+        s = self.settings
+        result = await self.store.retry(
+            queue_id, user_key(user_id), include_cancelled, s.queue_safety_ttl_seconds,
+            max_pending=s.max_pending_images_per_user, max_active=s.max_active_queues_per_user,
         )
+        outcome = result.outcome
+        if outcome == RetryOutcome.LIMIT_PENDING:
+            # Only a limit lowered since the queue was made lets a retry outgrow it on its own.
+            check_fits_pending_limit(
+                result.images, s, what="this retry would run", loc=("body",),
+                advice="retry without include_cancelled if that leaves fewer, or create smaller queues",
+            )
+        if outcome in (RetryOutcome.LIMIT_ACTIVE, RetryOutcome.LIMIT_PENDING):
+            raise self._refused("this retry", outcome == RetryOutcome.LIMIT_ACTIVE, result.detail)
         if outcome == RetryOutcome.NOT_FOUND:
             raise NotFound(QUEUE_NOT_FOUND)
         if outcome == RetryOutcome.CONFLICT:

@@ -90,6 +90,8 @@ class RetryOutcome(StrEnum):
     NOTHING = "nothing"  # no failed (or cancelled) image to run again
     CONFLICT = "conflict"  # still running
     NOT_FOUND = "notfound"
+    LIMIT_ACTIVE = "limit_active"  # refused by the per-user limits, as a create would be
+    LIMIT_PENDING = "limit_pending"
 
 
 class DeleteOutcome(StrEnum):

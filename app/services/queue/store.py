@@ -245,6 +245,13 @@ class CreateResult:
     detail: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class RetryResult:
+    outcome: RetryOutcome
+    images: int  # the images run again, or that a refused retry would have run again
+    detail: str = ""  # refused: the limit (active queues) or the room left (pending images)
+
+
 class QueueStore:
     """Async access to queues, the fair schedule, leases, events and images in Redis."""
 
@@ -300,10 +307,14 @@ class QueueStore:
         return CancelOutcome(_s(await self._run("cancel", queue_id, uk, ttl, user_ttl)))
 
     async def retry(
-        self, queue_id: str, uk: str, include_cancelled: bool, safety_ttl: int
-    ) -> tuple[RetryOutcome, int]:
-        res = await self._run("retry", queue_id, uk, "1" if include_cancelled else "0", safety_ttl)
-        return RetryOutcome(_s(res[0])), int(res[1])
+        self, queue_id: str, uk: str, include_cancelled: bool, safety_ttl: int, *, max_pending: int, max_active: int
+    ) -> RetryResult:
+        """Runs a finished queue's failed (and cancelled) images again, within the user's limits, as
+        create does (0: no cap); a retry the limits refuse writes nothing."""
+        res = await self._run(
+            "retry", queue_id, uk, "1" if include_cancelled else "0", safety_ttl, max_pending, max_active
+        )
+        return RetryResult(RetryOutcome(_s(res[0])), int(res[1]), _s(res[2]) if len(res) > 2 else "")
 
     async def delete(self, queue_id: str, uk: str) -> DeleteOutcome:
         return DeleteOutcome(_s(await self._run("delete", queue_id, uk)))

@@ -62,10 +62,27 @@ def check_create(req: CreateQueueRequest, settings: Settings, catalog: Catalog) 
             f"{s.max_images_per_queue} images per queue",
             ("body", "count"),
         )
+    check_fits_pending_limit(total, settings, what="the queue holds", advice="split it into smaller queues",
+                             loc=("body", "count"))
     seed = req.seed if req.seed is not None else secrets.randbelow(RANDOM_SEED_BOUND)
     if seed + total - 1 > MAX_SEED:
         raise Unprocessable(f"seed + images must stay below {MAX_SEED}", ("body", "seed"))
     return CheckedQueue(model, prompts, total, seed, check_webhook(req, settings))
+
+
+def check_fits_pending_limit(
+    images: int, settings: Settings, *, what: str, advice: str, loc: tuple[str | int, ...]
+) -> None:
+    """More images than the per-user pending limit are never admitted, however long the user waits: a
+    422 that says so, not the 429 (with Retry-After) of a request that fits once others finish. Used by
+    create and by retry (`what` says which images, `advice` what the user can do instead)."""
+    cap = settings.max_pending_images_per_user
+    if cap and images > cap:
+        raise Unprocessable(
+            f"{what} {images} images, more than the per-user limit of {cap} pending images "
+            f"(MAX_PENDING_IMAGES_PER_USER), so waiting cannot help; {advice}",
+            loc,
+        )
 
 
 def expand(req: CreateQueueRequest, settings: Settings) -> list[str]:

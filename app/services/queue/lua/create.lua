@@ -24,6 +24,8 @@ local total = tonumber(fields.total)
 if max_active > 0 and redis.call('ZCARD', u .. ':active') >= max_active then
   return {CreateOutcome.LIMIT_ACTIVE, tostring(max_active)}
 end
+-- A queue larger than max_pending on its own never gets here (validation.py answers it with a 422):
+-- what is refused here is what waiting for other images to finish cures.
 local pend = tonumber(redis.call('HGET', u .. ':stats', 'pending') or '0')
 if max_pending > 0 and pend + total > max_pending then
   return {CreateOutcome.LIMIT_PENDING, tostring(max_pending - pend)}
