@@ -287,3 +287,23 @@ async def test_a_late_lease_renewal_does_not_stretch_a_finished_queue(store: Que
     await store.complete(claim, Outcome.SUCCEEDED, ttl=30, user_ttl=60, record=stored("x"))
     await store.renew([claim.lease_member], 60_000, safety_ttl=10 * TTL)
     assert 0 < await store.redis.ttl(f"{PREFIX}q:{{fin}}") <= 30
+
+
+async def test_a_workers_own_429_holds_its_other_slots_before_the_shared_back_off_is_written(
+        store: QueueStore) -> None:
+    """The slots of the worker that got the 429 wait from that moment, not from when Redis has the
+    back-off (a slot asking in between would have found none); other workers read it from Redis."""
+    from app.services.queue.worker.gate import StoreGate
+
+    gate = StoreGate(store, "m")
+    deferring = asyncio.create_task(gate.defer(0.4))
+    await asyncio.sleep(0)  # the back-off is on its way to Redis, not there yet
+    t0 = time.monotonic()
+    await gate.wait()
+    assert time.monotonic() - t0 >= 0.35
+    await deferring
+    # Another worker (its own gate) learns of a back-off from Redis.
+    await gate.defer(0.3)
+    t0 = time.monotonic()
+    await StoreGate(store, "m").wait()
+    assert 0.2 <= time.monotonic() - t0 < 2

@@ -20,10 +20,14 @@ class StoreGate:
         self.store = store
         self.model = model
         self._quiet_until = 0.0  # no back-off seen until then: skip the round trip
+        self._deferred_until = 0.0  # this worker's own 429: known here before Redis has it
         self._check: asyncio.Task[int] | None = None  # the one look-up under way, shared by all slots
 
     async def wait(self) -> None:
         now = time.monotonic()
+        if now < self._deferred_until:
+            await asyncio.sleep(self._deferred_until - now)
+            return
         if now < self._quiet_until:
             return
         if self._check is None or self._check.done():
@@ -41,6 +45,8 @@ class StoreGate:
             return 0  # the store is away: do not fail images over an advisory pause
 
     async def defer(self, seconds: float) -> None:
+        # The slots of this worker wait from now on, not from when the shared back-off is written.
+        self._deferred_until = max(self._deferred_until, time.monotonic() + seconds)
         self._quiet_until = 0.0
         with contextlib.suppress(redis.RedisError):
             await self.store.set_backoff(self.model, seconds)
