@@ -90,13 +90,15 @@ def redis_clients(settings: Settings) -> tuple[redis.asyncio.Redis, redis.Redis]
         socket_timeout=settings.redis_socket_timeout,
         socket_connect_timeout=settings.redis_connect_timeout,
         health_check_interval=15,
-        retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+        # One retry after a lost connection (Redis restarted), none after a timeout: a Redis that
+        # hangs answers 503 within one socket timeout, and a script that may have run is not run again.
+        retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 1, supported_errors=(redis.ConnectionError,)),
         encoding_errors=REDIS_ENCODING_ERRORS,
     )
     async_client = redis.asyncio.Redis(connection_pool=pool)
     sync_client = redis.Redis.from_url(
         url,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1),
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 1, supported_errors=(redis.ConnectionError,)),
         socket_timeout=settings.redis_socket_timeout,
         socket_connect_timeout=settings.redis_connect_timeout,
         health_check_interval=15,

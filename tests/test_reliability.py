@@ -170,6 +170,35 @@ def test_redis_restart_api_503_then_queue_finishes(tmp_path: Path, make_stack: M
         server.stop()
 
 
+def test_a_hung_redis_gets_503_within_one_socket_timeout(tmp_path: Path, make_stack: MakeStack) -> None:
+    """A Redis that accepts connections but never answers (stopped, swapping, overloaded): every route
+    answers 503 within one socket timeout, again and again, not after retries and pool waits add up."""
+    server = RedisServer(tmp_path / "redis", log_dir=LOG_DIR).start()
+    stack = make_stack(0, redis_url=server.url, REDIS_SOCKET_TIMEOUT="2")
+    headers = auth(new_user())
+    assert server.process is not None
+    try:
+        with stack.client() as client:
+            assert client.get("/active-queues", headers=headers).status_code == 200
+            server.process.proc.send_signal(signal.SIGSTOP)
+            try:
+                for method, path, body in [("GET", "/active-queues", None), ("GET", "/history", None),
+                                           ("POST", "/create-queue", {"prompts": ["x"], "width": 64, "height": 64}),
+                                           ("GET", "/active-queues", None), ("GET", "/history", None)]:
+                    t0 = time.monotonic()
+                    r = client.request(method, path, headers=headers, json=body, timeout=30)
+                    took = time.monotonic() - t0
+                    assert r.status_code == 503 and "Redis" in r.json()["detail"], (path, r.status_code)
+                    assert r.headers["retry-after"] and took < 3.5, (path, took)
+            finally:
+                server.process.proc.send_signal(signal.SIGCONT)
+            wait_until(lambda: client.get("/active-queues", headers=headers).status_code == 200, 20,
+                       what="the API to recover")
+    finally:
+        stack.stop()
+        server.stop()
+
+
 def test_worker_started_before_redis_waits_for_it_and_stops_cleanly(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis", log_dir=LOG_DIR)  # its port is chosen, nothing listens yet
     env = service_env(server.url)
