@@ -226,7 +226,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if (STATIC_DIR / "index.html").exists():
         app.mount("/static", ClientFiles(directory=STATIC_DIR), name="static")
 
-        @app.get("/", include_in_schema=False)
+        @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
         async def index() -> FileResponse:
             return FileResponse(STATIC_DIR / "index.html", headers=page_headers(settings))
 

@@ -58,6 +58,8 @@ def test_health_and_openapi_need_no_token(client: httpx.Client) -> None:
                  "/history", "/queue/{queue_id}", "/generate", "/health", "/retry-queue/{queue_id}"):
         assert path in spec["paths"], path
     assert client.get("/ready").json() == {"ready": True}
+    page = client.head("/")
+    assert page.status_code == 200 and page.content == b"" and page.headers["content-type"].startswith("text/html")
 
 
 # -- create and run -------------------------------------------------------------------------------

@@ -96,6 +96,11 @@ def test_images_go_to_the_file_store_and_redis_keeps_only_records(make_stack: Ma
         assert resumed.status_code == 206 and resumed.content == full.content[10:20]
         changed = client.get(image["url"], headers={"Range": "bytes=10-19", "If-Range": '"other"'})
         assert changed.status_code == 200 and changed.content == full.content
+        head = client.head(image["url"])
+        assert head.status_code == 200 and head.content == b"" and head.headers["etag"] == etag
+        assert int(head.headers["content-length"]) == len(full.content)
+        head_part = client.head(image["url"], headers={"Range": "bytes=10-19"})
+        assert head_part.status_code == 206 and head_part.headers["content-range"] == f"bytes 10-19/{len(full.content)}"
         with_token = client.get(f"/images/{qid}/1", headers=headers)
         assert with_token.status_code == 200 and with_token.headers["content-type"] == "image/webp"
 

@@ -62,8 +62,9 @@ def _matches(if_none_match: str, etag: str) -> bool:
     return "*" in tags or etag.removeprefix("W/") in tags
 
 
-@router.get(
+@router.api_route(
     "/images/{queue_id}/{index}",
+    methods=["GET", "HEAD"],
     response_class=Response,
     responses={
         200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}}},
@@ -123,6 +124,9 @@ async def get_image(
     }
     if stream.partial:
         headers["Content-Range"] = f"bytes {stream.start}-{stream.stop - 1}/{stream.size}"
+    if request.method == "HEAD":  # what a download tool checks first: the headers, none of the bytes
+        await stream.aclose()
+        return Response(status_code=206 if stream.partial else 200, headers=headers, media_type=stream.content_type)
     return StreamingResponse(stream.chunks, status_code=206 if stream.partial else 200, headers=headers,
                              media_type=stream.content_type, background=BackgroundTask(stream.aclose))
 
