@@ -169,3 +169,13 @@ def test_resuming_at_or_after_the_final_event_gets_the_end_at_once(client: httpx
         # Resuming one event earlier still replays the final event exactly once, then the end.
         rest = read_sse(client, f"/queue-events/{qid}?last_event_id={full[-3]['id']}", headers, timeout=5)
         assert [e.get("id") for e in rest] == [final_id, None] and rest[-1]["event"] == "end"
+
+
+def test_a_stream_sends_its_first_bytes_at_once_before_any_event(client: httpx.Client) -> None:
+    """A quiet user's stream has no event for a while and the first ping comes after 15 s: a comment goes
+    first, so a client or proxy waiting for the body's first bytes sees the stream open."""
+    headers = auth(new_user())
+    with client.stream("GET", "/events", headers=headers, timeout=3) as response:
+        assert response.status_code == 200
+        first = next(response.iter_lines())
+        assert first.startswith(":"), first

@@ -55,7 +55,9 @@ async def new_stream_token(user: CurrentUser, settings: AppSettings) -> dict[str
 async def _stream(
     request: Request, batches: AsyncGenerator[list[QueueEvent], None], *, end: dict[str, str] | None
 ) -> AsyncIterator[ServerSentEvent]:
-    """The events as SSE; `end` is sent after a queue's final event."""
+    """The events as SSE; `end` is sent after a queue's final event. A comment goes first, so a client
+    (or a proxy) waiting for the body's first bytes knows the stream is open before any event or ping."""
+    yield ServerSentEvent(comment="open")
     async with aclosing(batches):
         async for batch in batches:
             for event in batch:
