@@ -62,9 +62,8 @@ def _matches(if_none_match: str, etag: str) -> bool:
     return "*" in tags or etag.removeprefix("W/") in tags
 
 
-@router.api_route(
+@router.get(
     "/images/{queue_id}/{index}",
-    methods=["GET", "HEAD"],
     response_class=Response,
     responses={
         200: {"content": {"image/png": {}, "image/webp": {}, "image/jpeg": {}}},
@@ -129,6 +128,11 @@ async def get_image(
         return Response(status_code=206 if stream.partial else 200, headers=headers, media_type=stream.content_type)
     return StreamingResponse(stream.chunks, status_code=206 if stream.partial else 200, headers=headers,
                              media_type=stream.content_type, background=BackgroundTask(stream.aclose))
+
+
+# HEAD (what download tools ask first): the same answer without the bytes; one OpenAPI entry, the GET's.
+router.add_api_route("/images/{queue_id}/{index}", get_image, methods=["HEAD"], response_class=Response,
+                     include_in_schema=False)
 
 
 @router.get(

@@ -10,7 +10,10 @@ import redis
 
 from app.services.queue.store import QueueStore
 
-GATE_CHECK_SECONDS = 0.25  # how stale a worker's view of a shared back-off may be
+# How stale a worker's view of a shared back-off may be: shorter than a fast provider's answer, so a
+# 429 to one worker reaches the others before their next requests (one GET per worker and model at
+# most this often, shared by all its slots).
+GATE_CHECK_SECONDS = 0.05
 
 
 class StoreGate:
