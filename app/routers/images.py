@@ -121,12 +121,13 @@ async def get_image(
         "Content-Disposition": f'inline; filename="{queue_id}-{index}{"-thumb" if thumb else ""}.{ext}"',
         "X-Content-Type-Options": "nosniff",
     }
+    status = 206 if stream.partial else 200
     if stream.partial:
         headers["Content-Range"] = f"bytes {stream.start}-{stream.stop - 1}/{stream.size}"
     if request.method == "HEAD":  # what a download tool checks first: the headers, none of the bytes
         await stream.aclose()
-        return Response(status_code=206 if stream.partial else 200, headers=headers, media_type=stream.content_type)
-    return StreamingResponse(stream.chunks, status_code=206 if stream.partial else 200, headers=headers,
+        return Response(status_code=status, headers=headers, media_type=stream.content_type)
+    return StreamingResponse(stream.chunks, status_code=status, headers=headers,
                              media_type=stream.content_type, background=BackgroundTask(stream.aclose))
 
 

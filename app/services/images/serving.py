@@ -128,7 +128,7 @@ class ImageServer:
         """The key of the image's thumbnail: the worker's, or one made now (once, however many ask at
         the same moment). The image's own key when its bytes cannot be read as an image."""
         if image.record.get("tk"):
-            return str(image.record["tk"])
+            return image.key(True)  # the worker made it
         key = thumbnail_key(image.queue_id, image.index, image.attempt)
         known = self._thumbnails.get(key)
         if known is not None:
